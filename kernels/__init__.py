@@ -1,0 +1,1 @@
+"""effc.kernels: arrives with a later issue; the package exists so the layout and imports are fixed."""
