@@ -1,0 +1,837 @@
+"""The checker: every mistake in a `.eff` file, found before anything runs.
+
+`check(program)` walks the declarations in file order (stages run in order, so the order
+of the text is the order of time), evaluates params, checks every call against its
+registry signature and every selector against the model's module tree *as it is at that
+statement*, and collects all diagnostics before returning. It never raises on bad input;
+a crash inside it is reported as an internal error (E9001).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from effc.lang import ast, registry as R
+from effc.lang.diagnostics import Diagnostic, Span, error, has_errors, sort_diagnostics, warning
+from effc.lang.parser import parse
+from effc.lang.tree import KINDS, ModelCatalog, Module, Selected, default_catalog, join, walk
+from effc.lang.types import (
+    BoolT, Bytes, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, PathT, Registry, SizeT,
+    StrT, _range,
+)
+
+# ---------------------------------------------------------------- values
+
+
+class _Bad:
+    """A value whose error has been reported already; it silences follow-on errors."""
+
+    def __repr__(self) -> str:
+        return "<bad>"
+
+
+BAD: Any = _Bad()
+
+
+@dataclass(frozen=True)
+class Bare:
+    """A bare name that is not a declaration: an enum choice, or a mistake."""
+
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a declared model or data (with a snapshot stage or a data split)."""
+
+    kind: str  # "model" | "data"
+    name: str
+    stage: str | None = None
+    split: str | None = None
+
+
+@dataclass(frozen=True)
+class CallValue:
+    """A checked call: the registry entry's name and its bound, typed arguments."""
+
+    name: str
+    args: dict
+
+
+@dataclass
+class AdapterUse:
+    technique: str
+    scope: str  # adapters of one kind compose only across scopes (shared vs per-loop)
+    paths: frozenset[str]
+    span: Span
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    family: str | None
+    args: dict
+    tree: Module | None
+    span: Span
+    adapters: list[AdapterUse] = field(default_factory=list)
+
+
+@dataclass
+class DataInfo:
+    name: str
+    source: str | None
+    args: dict
+    span: Span
+
+
+@dataclass
+class CheckResult:
+    """What the compiler needs from the front end: the program and everything resolved."""
+
+    program: ast.Program | None
+    diagnostics: list[Diagnostic]
+    source: str
+    params: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    data: dict[str, DataInfo] = field(default_factory=dict)
+    budget: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.program is not None and not has_errors(self.diagnostics)
+
+
+def _nearest(name: str, options, n: int = 1) -> list[str]:
+    return difflib.get_close_matches(name, list(options), n=n, cutoff=0.6)
+
+
+def _did_you_mean(name: str, options, what: str) -> str:
+    options = sorted(set(options))
+    near = _nearest(name, options)
+    listing = ", ".join(options) if options else "none"
+    return (f"did you mean '{near[0]}'? " if near else "") + f"({what}: {listing})"
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, int):
+        return f"the integer {v}"
+    if isinstance(v, float):
+        return f"the number {v:g}"
+    if isinstance(v, Bytes):
+        return f"the size {v}"
+    if isinstance(v, str):
+        return f'the string "{v}"'
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, ast.Call):
+        return f"a call to {v.func.name}(...)"
+    if isinstance(v, Ref):
+        return f"the {v.kind} '{v.name}'" + (f"@{v.stage}" if v.stage else "")
+    if isinstance(v, Bare):
+        return f"the name '{v.name}'"
+    return "a value"
+
+
+# ---------------------------------------------------------------- the checker
+
+
+class _Checker:
+    def __init__(self, program: ast.Program, catalog: ModelCatalog, base_dir: str,
+                 overrides: dict[str, ast.Expr]):
+        self.program = program
+        self.catalog = catalog
+        self.base_dir = base_dir
+        self.overrides = overrides
+        self.diags: list[Diagnostic] = []
+        self.declared: dict[str, tuple[str, Span]] = {}  # name -> (kind, span), so far
+        self.later: dict[str, tuple[str, Span]] = {}  # every declaration in the file
+        self.params: dict[str, Any] = {}
+        self.models: dict[str, ModelInfo] = {}
+        self.data: dict[str, DataInfo] = {}
+        self.used: set[str] = set()
+        self.stages: dict[str, ast.Stage] = {}
+        self.done: dict[str, set[str]] = {}  # finished stage -> models that existed then
+        self.budget: dict | None = None
+        self.choices = R.enum_choices()
+
+    def err(self, code: str, message: str, span: Span, hint: str | None = None) -> None:
+        self.diags.append(error(code, message, span, hint))
+
+    # ------------------------------------------------------------ top level
+
+    def run(self) -> None:
+        self.collect()
+        seen_pipeline = seen_budget = None
+        for item in self.program.items:
+            if isinstance(item, ast.Pipeline):
+                if seen_pipeline:
+                    self.err("E0104", "a second 'pipeline' declaration", item.span,
+                             f"the pipeline is already named at line {seen_pipeline.line}")
+                seen_pipeline = seen_pipeline or item.span
+            elif isinstance(item, ast.Budget):
+                if seen_budget:
+                    self.err("E0104", "a second 'budget' declaration", item.span,
+                             f"merge it into the budget at line {seen_budget.line}")
+                else:
+                    self.budget = self.options(item.options, R.STATEMENTS["budget"], item.span)
+                seen_budget = seen_budget or item.span
+            elif isinstance(item, ast.Param):
+                self.param(item)
+            elif isinstance(item, ast.ModelDecl):
+                self.model_decl(item)
+            elif isinstance(item, ast.DataDecl):
+                self.data_decl(item)
+            elif isinstance(item, ast.Stage):
+                for stmt in item.body:
+                    self.statement(stmt, item)
+                self.done[item.name.name] = set(self.models)
+            elif isinstance(item, ast.Export):
+                self.statement(item, None)
+        self.unused()
+
+    def collect(self) -> None:
+        """Duplicates and shadowing, and the table of later declarations (so that a use
+        before a declaration says so instead of 'undefined')."""
+        for item in self.program.items:
+            if isinstance(item, ast.Stage):
+                first = self.stages.get(item.name.name)
+                if first:
+                    self.err("E0102", f"stage '{item.name.name}' is declared twice", item.name.span,
+                             f"the first is at line {first.name.span.line}; rename one")
+                else:
+                    self.stages[item.name.name] = item
+                continue
+            kind = {ast.Param: "param", ast.ModelDecl: "model", ast.DataDecl: "data"}.get(type(item))
+            if kind is None:
+                continue
+            name = item.name.name
+            if name in self.later:
+                k, span = self.later[name]
+                self.err("E0102", f"'{name}' is already declared as a {k}", item.name.span,
+                         f"the first declaration is at line {span.line}; params, models and data share one namespace")
+                continue
+            self.later[name] = (kind, item.name.span)
+            if kind == "param" and name in self.choices:
+                self.err("E0103", f"param '{name}' shadows the choice '{name}' of {self.choices[name]}",
+                         item.name.span, "rename the param: a bare name there would be ambiguous")
+
+    def declare(self, name: str, kind: str, span: Span) -> None:
+        self.declared.setdefault(name, (kind, span))  # a duplicate is reported by collect()
+
+    def unused(self) -> None:
+        for name, (kind, span) in self.declared.items():
+            if name not in self.used and kind in ("param", "data"):
+                self.diags.append(warning("W0101", f"{kind} '{name}' is never used", span,
+                                          "remove it, or use it in a statement"))
+
+    # ------------------------------------------------------------ declarations
+
+    def param(self, item: ast.Param) -> None:
+        name = item.name.name
+        expr = self.overrides.get(name, item.value)
+        value = self.value(expr)
+        if isinstance(value, Bare):
+            self.undefined(value.name, value.span)
+            value = BAD
+        elif isinstance(value, (Ref, ast.Call)):
+            self.err("E0305", f"a param holds a number, size, string, boolean or list, not {_describe(value)}",
+                     expr.span, "declare models with 'model' and data with 'data'")
+            value = BAD
+        self.declare(name, "param", item.name.span)
+        self.params[name] = value
+
+    def model_decl(self, item: ast.ModelDecl) -> None:
+        name, call = item.name.name, item.value
+        info = ModelInfo(name, None, {}, None, item.span)
+        if not isinstance(call, ast.Call):
+            self.err("E0313", f"model '{name}' must be declared by a call, not {_describe(self.value(call))}",
+                     call.span, "for example: model m = decoder(vocab=512, dim=256, layers=4, heads=4, ffn=704, seq=128)")
+        elif call.func.name in R.MERGES.planned or call.func.name in R.MERGES.entries:
+            for a in call.args:  # the snapshots are checked even while merges are unavailable
+                self.value(a.value if isinstance(a, ast.KwArg) else a)
+            self.call(call, R.MERGES)
+        else:
+            checked = self.call(call, R.FAMILIES, also=R.MERGES)
+            if checked is not None:
+                info.family, info.args = checked.name, checked.args
+                info.tree = self.catalog.tree(checked.name, checked.args)
+        self.declare(name, "model", item.name.span)
+        self.models[name] = info
+
+    def data_decl(self, item: ast.DataDecl) -> None:
+        name, call = item.name.name, item.value
+        info = DataInfo(name, None, {}, item.span)
+        if not isinstance(call, ast.Call):
+            self.err("E0313", f"data '{name}' must be declared by a call, not {_describe(self.value(call))}",
+                     call.span, 'for example: data corpus = text("data/train.txt", seq=128)')
+        else:
+            checked = self.call(call, R.DATA_SOURCES)
+            if checked is not None:
+                info.source, info.args = checked.name, checked.args
+        self.declare(name, "data", item.name.span)
+        self.data[name] = info
+
+    # ------------------------------------------------------------ statements
+
+    def statement(self, stmt: ast.Stmt, stage: ast.Stage | None) -> None:
+        if isinstance(stmt, (ast.Train, ast.Eval)):
+            verb = "train" if isinstance(stmt, ast.Train) else "eval"
+            model = self.model_ref(stmt.model, live=verb == "train")
+            data = self.data_ref(stmt.data)
+            opts = self.options(stmt.options, R.STATEMENTS[verb], stmt.span)
+            if model and data and model.args.get("seq") and isinstance(data.args.get("seq"), int):
+                if data.args["seq"] > model.args["seq"]:
+                    self.err("E0402", f"data '{data.name}' has seq={data.args['seq']} but model "
+                             f"'{model.name}' takes at most seq={model.args['seq']}", stmt.data.span,
+                             f"lower the data's seq, or raise the model's seq to {data.args['seq']}")
+            if verb == "eval" and opts is not None:
+                if "similarity" in (opts.get("metrics") or []) and opts.get("against") is None:
+                    self.err("E0403", "metrics=[similarity] compares two models, but no against= is given",
+                             stmt.span, "add against=MODEL or against=model@stage")
+        elif isinstance(stmt, ast.Export):
+            self.model_ref(stmt.model, live=False)
+            if not stmt.path.value.strip():
+                self.err("E0305", "export path is empty", stmt.path.span, 'write a folder such as "out/model"')
+            self.options(stmt.options, R.STATEMENTS["export"], stmt.span)
+        elif isinstance(stmt, ast.Tie):
+            a, b = self.selector(stmt.target), self.selector(stmt.source)
+            if a is not None and b is not None:
+                self.err("E0302", "'tie' is not available in this version", stmt.span,
+                         f"it comes with {R.PLANNED_STATEMENTS['tie']}")
+        else:
+            verb = {ast.Adapt: "adapt", ast.Share: "share", ast.Prune: "prune", ast.Quantize: "quantize"}[type(stmt)]
+            self.technique(stmt, verb)
+
+    def technique(self, stmt, verb: str) -> None:
+        selected = self.selector(stmt.target)
+        checked = self.call(stmt.technique, R.TECHNIQUES[verb])
+        if selected is None or checked is None:
+            return
+        entry = R.TECHNIQUES[verb].entries[checked.name]
+        targets = self.targets(selected, entry, stmt.target)
+        if not targets:
+            return
+        problems = entry.target_constraints(checked.args, targets) if entry.target_constraints else []
+        for p in problems:
+            self.err("E0309", p.message, self.arg_span(stmt.technique, p.arg), p.hint)
+        if verb == "adapt" and not problems:
+            self.adapter(stmt, checked, targets)
+
+    def targets(self, selected: list[Selected], entry: Entry, sel: ast.Selector) -> list[Selected]:
+        """The modules a technique acts on: selected modules of its kinds, and the modules
+        of its kinds inside any selected container."""
+        out, seen = [], set()
+        for s in selected:
+            for t in (walk(s) if s.module.kind not in entry.targets else [s]):
+                if t.module.kind in entry.targets and t.path not in seen:
+                    seen.add(t.path)
+                    out.append(t)
+        if not out:
+            kinds = " or ".join(entry.targets)
+            self.err("E0206", f"{entry.name} applies to {kinds} modules, and '{_sel_text(sel)}' holds none",
+                     sel.span, f"select {kinds} modules, for example {sel.model.name}.layers[*].attn.{{q,v}}")
+        return out
+
+    def adapter(self, stmt: ast.Adapt, checked: CallValue, targets: list[Selected]) -> None:
+        model = self.models.get(stmt.target.model.name)
+        scope = "per_loop" if checked.args.get("per_loop") else "shared"
+        paths = frozenset(t.path for t in targets)
+        for prior in model.adapters:
+            overlap = paths & prior.paths if (prior.technique, prior.scope) == (checked.name, scope) else ()
+            if overlap:
+                first = sorted(overlap)[0]
+                self.err("E0207", f"'{first}' already has a {scope} {checked.name} adapter", stmt.target.span,
+                         f"the first is at line {prior.span.line}; two adapters of one kind and scope on a "
+                         "weight are ambiguous (a per-loop adapter may sit beside a shared one)")
+                return
+        model.adapters.append(AdapterUse(checked.name, scope, paths, stmt.span))
+
+    # ------------------------------------------------------------ references
+
+    def undefined(self, name: str, span: Span) -> None:
+        if name in self.later:
+            kind, decl = self.later[name]
+            self.err("E0101", f"{kind} '{name}' is used before its declaration", span,
+                     f"it is declared at line {decl.line}; move that declaration up")
+        else:
+            self.err("E0101", f"undefined name '{name}'",
+                     span, _did_you_mean(name, self.declared, "declared names"))
+
+    def lookup(self, ident: ast.Ident, kind: str) -> bool:
+        """True when `ident` names a declaration of `kind` made before this point."""
+        found = self.declared.get(ident.name)
+        if found is None:
+            self.undefined(ident.name, ident.span)
+            return False
+        self.used.add(ident.name)
+        if found[0] != kind:
+            self.err("E0107", f"'{ident.name}' is a {found[0]}, not a {kind}", ident.span,
+                     _did_you_mean(ident.name, [n for n, (k, _) in self.declared.items() if k == kind],
+                                   f"{kind}s declared so far"))
+            return False
+        return True
+
+    def model_ref(self, ref: ast.ModelRef, live: bool) -> ModelInfo | None:
+        if ref.stage is not None:
+            if live:
+                self.err("E0110", f"'{ref.model.name}@{ref.stage.name}' is a snapshot; this statement "
+                         "acts on the live model", ref.span, f"name the model: {ref.model.name}")
+                return None
+            return self.models.get(ref.model.name) if self.snapshot(ref.model, ref.stage) else None
+        return self.models[ref.model.name] if self.lookup(ref.model, "model") else None
+
+    def data_ref(self, ref: ast.DataRef) -> DataInfo | None:
+        if not self.lookup(ref.data, "data"):
+            return None
+        if ref.split is not None and ref.split.name not in R.DATA_SPLITS:
+            self.err("E0108", f"data has no split '{ref.split.name}'", ref.split.span,
+                     _did_you_mean(ref.split.name, R.DATA_SPLITS, "splits"))
+            return None
+        return self.data[ref.data.name]
+
+    def snapshot(self, model: ast.Ident, stage: ast.Ident) -> bool:
+        name, sname = model.name, stage.name
+        if sname not in self.stages:
+            self.err("E0105", f"no stage named '{sname}'", stage.span,
+                     _did_you_mean(sname, self.stages, "stages"))
+            return False
+        if sname not in self.done:
+            self.err("E0106", f"stage '{sname}' has not finished at this point", stage.span,
+                     f"a snapshot names an earlier stage; '{sname}' is at line {self.stages[sname].span.line}")
+            return False
+        if not self.lookup(model, "model"):
+            return False
+        if name not in self.done[sname]:
+            self.err("E0109", f"model '{name}' did not exist when stage '{sname}' ended", model.span,
+                     "declare the model before that stage")
+            return False
+        return True
+
+    # ------------------------------------------------------------ selectors
+
+    def selector(self, sel: ast.Selector) -> list[Selected] | None:
+        found = self.declared.get(sel.model.name)
+        if found is None or found[0] != "model":
+            if found is None:
+                self.undefined(sel.model.name, sel.model.span)
+            else:
+                self.err("E0201", f"a selector starts with a model; '{sel.model.name}' is a {found[0]}",
+                         sel.model.span, _did_you_mean(sel.model.name, self.models, "models"))
+            return None
+        self.used.add(sel.model.name)
+        tree = self.models[sel.model.name].tree
+        if tree is None:
+            return None  # the model's own declaration is wrong; that error is reported
+        current = [Selected("", tree)]
+        for seg in sel.path:
+            current = self.segment(current, seg, sel)
+            if current is None:
+                return None
+        if sel.kind is not None:
+            kind = sel.kind.name
+            if kind not in KINDS:
+                self.err("E0204", f"unknown kind filter ':{kind}'", sel.kind.span,
+                         _did_you_mean(kind, KINDS, "kinds"))
+                return None
+            kept = [t for s in current for t in [s] if t.module.kind == kind]
+            if not kept:
+                present = sorted({s.module.kind for s in current})
+                self.err("E0208", f"no selected module is a {kind}", sel.kind.span,
+                         f"the selection holds: {', '.join(present)}; add '.**' to reach the modules inside")
+                return None
+            current = kept
+        return current
+
+    def segment(self, current: list[Selected], seg, sel: ast.Selector) -> list[Selected] | None:
+        if isinstance(seg, ast.AnyDepth):
+            out, seen = [], set()
+            for s in current:
+                for t in walk(s):
+                    if t.path not in seen:
+                        seen.add(t.path)
+                        out.append(t)
+            return out
+        names = [seg.name] if isinstance(seg, ast.Field) else list(seg.names)
+        out = []
+        for ident in names:
+            hits = [Selected(join(s.path, ident.name), s.module.child(ident.name))
+                    for s in current if s.module.child(ident.name) is not None]
+            if not hits:
+                self.no_match(current, ident, sel)
+                return None
+            out += hits
+        if isinstance(seg, ast.Field) and seg.index is not None:
+            return self.index(out, seg, sel)
+        return out
+
+    def no_match(self, current: list[Selected], ident: ast.Ident, sel: ast.Selector) -> None:
+        where = current[0]
+        names = sorted({n for s in current for n in s.module.child_names()})
+        at = _generic(where.path) or sel.model.name
+        if where.module.is_list:
+            hint = f"'{at}' is a list of {len(where.module.items)}; index it first: {at}[*].{ident.name}"
+        elif names:
+            near = _nearest(ident.name, names)
+            hint = (f"did you mean '{near[0]}'? " if near else "") + f"({at} has: {', '.join(names)})"
+        else:
+            hint = f"'{at}' is a {where.module.kind} and has no members"
+        self.err("E0203", f"selector matches nothing: '{ident.name}'", ident.span, hint)
+
+    def index(self, hits: list[Selected], seg: ast.Field, sel: ast.Selector) -> list[Selected] | None:
+        out = []
+        for s in hits:
+            m = s.module
+            if not m.is_list:
+                self.err("E0205", f"'{seg.name.name}' is {_article(m.kind)}, not a list; it cannot be indexed",
+                         seg.index.span, f"write {seg.name.name} without [...]")
+                return None
+            n, ix = len(m.items), seg.index
+            if isinstance(ix, ast.IndexAll):
+                picks = range(n)
+            elif isinstance(ix, ast.IndexAt):
+                if not -n <= ix.index < n:
+                    self.err("E0202", f"index {ix.index} is out of range: '{seg.name.name}' has {n} items",
+                             ix.span, f"valid indices are 0..{n - 1} (or -{n}..-1 from the end)")
+                    return None
+                picks = [ix.index % n]
+            else:
+                bad = [v for v in (ix.start, ix.stop) if v is not None and not -n <= v <= n]
+                picks = range(n)[ix.start:ix.stop]
+                if bad or not picks:
+                    self.err("E0202", f"slice [{_slice_text(ix)}] of '{seg.name.name}' " +
+                             ("is out of range" if bad else "is empty") + f": it has {n} items",
+                             ix.span, f"slices run from 0 to {n}, as in {seg.name.name}[0:{n}]")
+                    return None
+            out += [Selected(f"{s.path}[{i}]", m.items[i]) for i in picks]
+        return out
+
+    # ------------------------------------------------------------ calls and options
+
+    def call(self, call: ast.Call, reg: Registry, also: Registry | None = None) -> CallValue | None:
+        name = call.func.name
+        entry = reg.entries.get(name)
+        if entry is None:
+            if name in reg.planned:
+                self.err("E0302", f"{reg.kind} '{name}' is not available in this version", call.func.span,
+                         f"it comes with {reg.planned[name]}; available now: {', '.join(reg.names()) or 'none'}")
+            else:
+                known = reg.names() + (also.names() if also else [])
+                what = reg.kind + (f"s and {also.kind}" if also else "")
+                self.err("E0301", f"unknown {reg.kind} '{name}'", call.func.span,
+                         _did_you_mean(name, known + list(reg.planned), f"{what}s"))
+            return None
+        args = self.bind(call.args, entry, call.func.span, "E0303", "E0304", f"{name}(...)")
+        return None if args is None else CallValue(name, args)
+
+    def options(self, opts: tuple[ast.KwArg, ...], entry: Entry, span: Span) -> dict | None:
+        return self.bind(opts, entry, span, "E0310", "E0311", f"'{entry.name}'")
+
+    def bind(self, args, entry: Entry, span: Span, unknown: str, missing: str, owner: str) -> dict | None:
+        """Bind written arguments to the entry's parameters, type-check each, apply
+        cross-argument constraints. Returns the arguments with defaults filled in."""
+        ok, given, spans, seen_kw = True, {}, {}, False
+        positional = [p for p in entry.params]
+        for i, a in enumerate(args):
+            if isinstance(a, ast.KwArg):
+                seen_kw, pname, expr, aspan = True, a.name.name, a.value, a.name.span
+            elif seen_kw:
+                self.err("E0308", "positional argument after a keyword argument", a.span,
+                         "give it by name, or move it before the keyword arguments")
+                ok = False
+                continue
+            elif i >= len(positional):
+                self.err("E0308", f"{owner} takes at most {len(positional)} positional arguments", a.span,
+                         "give the arguments by name")
+                ok = False
+                continue
+            else:
+                pname, expr, aspan = positional[i].name, a, a.span
+            p = entry.param(pname)
+            if p is None:
+                what = "option" if unknown == "E0310" else "argument"
+                self.err(unknown, f"{owner} has no {what} '{pname}'", aspan,
+                         _did_you_mean(pname, [q.name for q in entry.params], f"{what}s"))
+                ok = False
+                continue
+            if pname in given:
+                self.err("E0308", f"'{pname}' is given twice", aspan, "give each argument once")
+                ok = False
+                continue
+            if not p.available:
+                self.err("E0302", f"{owner.strip(chr(39))} option '{pname}' is not available in this version",
+                         aspan, "it is part of the settled language and comes with a later issue")
+                ok = False
+                continue
+            value = self.coerce(self.value(expr), p.type, expr.span)
+            ok = ok and value is not BAD
+            given[pname], spans[pname] = value, expr.span
+        for p in entry.params:
+            if p.required and p.name not in given:
+                what = "option" if missing == "E0311" else "argument"
+                self.err(missing, f"{owner} needs the {what} '{p.name}'", span,
+                         f"add {p.name}=... ({p.type.describe()}: {p.doc})")
+                ok = False
+        if not ok:
+            return None
+        full = {p.name: given.get(p.name, p.default) for p in entry.params}
+        for prob in (entry.constraints(full) if entry.constraints else []):
+            self.err("E0309", prob.message, spans.get(prob.arg, span), prob.hint)
+            ok = False
+        return full if ok else None
+
+    def arg_span(self, call: ast.Call, name: str) -> Span:
+        return next((a.value.span for a in call.keywords if a.name.name == name), call.span)
+
+    # ------------------------------------------------------------ values
+
+    def value(self, e: ast.Expr) -> Any:
+        if isinstance(e, (ast.Int, ast.Float, ast.Str, ast.Bool)):
+            return e.value
+        if isinstance(e, ast.Size):
+            return Bytes(e.value)
+        if isinstance(e, ast.Name):
+            found = self.declared.get(e.name)
+            if found is None:
+                return Bare(e.name, e.span)
+            self.used.add(e.name)
+            return self.params[e.name] if found[0] == "param" else Ref(found[0], e.name)
+        if isinstance(e, ast.Attr):
+            ref = ast.DataRef(e.base, e.attr, e.span)
+            return Ref("data", e.base.name, split=e.attr.name) if self.data_ref(ref) else BAD
+        if isinstance(e, ast.Snapshot):
+            return Ref("model", e.model.name, stage=e.stage.name) if self.snapshot(e.model, e.stage) else BAD
+        if isinstance(e, ast.Call):
+            return e
+        if isinstance(e, ast.List):
+            return [self.value(x) for x in e.items]
+        if isinstance(e, ast.Neg):
+            return self.arith("-", 0, self.value(e.operand), e)
+        return self.arith(e.op, self.value(e.left), self.value(e.right), e)
+
+    def arith(self, op: str, a: Any, b: Any, e: ast.Expr) -> Any:
+        for v in (a, b):
+            if isinstance(v, Bare):
+                self.undefined(v.name, v.span)
+                return BAD
+            if v is BAD:
+                return BAD
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if isinstance(a, Bytes) or isinstance(b, Bytes):
+            # sizes add to sizes and scale by numbers
+            if op in "+-" and isinstance(a, Bytes) and isinstance(b, Bytes):
+                return Bytes(a.n + b.n if op == "+" else a.n - b.n)
+            if op == "*" and (num(a) or num(b)):
+                return Bytes(int((a.n if isinstance(a, Bytes) else a) * (b.n if isinstance(b, Bytes) else b)))
+            if op == "/" and isinstance(a, Bytes) and num(b) and b:
+                return Bytes(int(a.n / b))
+        elif num(a) and num(b):
+            if op == "/":
+                if b == 0:
+                    self.err("E0312", "division by zero", e.span)
+                    return BAD
+                exact = isinstance(a, int) and isinstance(b, int) and a % b == 0
+                return a // b if exact else a / b
+            return a + b if op == "+" else a - b if op == "-" else a * b
+        self.err("E0312", f"cannot apply '{op}' to {_describe(a)} and {_describe(b)}", e.span,
+                 "arithmetic works on numbers, params holding numbers, and sizes")
+        return BAD
+
+    def coerce(self, v: Any, t: Any, span: Span) -> Any:
+        """Check a value against a parameter type; return the typed value or BAD."""
+        if v is BAD:
+            return BAD
+        if isinstance(v, list) and any(x is BAD for x in v):
+            return BAD
+        if isinstance(v, Bare) and not isinstance(t, (EnumT, CallT, ListT)):
+            self.undefined(v.name, v.span)
+            return BAD
+        if isinstance(t, IntT):
+            if isinstance(v, int) and not isinstance(v, bool):
+                return self.in_range(v, t.min, t.max, False, False, span)
+            if isinstance(v, float) and v.is_integer():
+                return self.in_range(int(v), t.min, t.max, False, False, span)
+        elif isinstance(t, FloatT):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return self.in_range(float(v), t.min, t.max, t.min_open, t.max_open, span)
+        elif isinstance(t, SizeT):
+            if isinstance(v, Bytes):
+                return v if self.in_range(v.n, t.min, None, False, False, span) is not BAD else BAD
+        elif isinstance(t, (StrT, PathT)):
+            if isinstance(v, str):
+                return self.path(v, span) if isinstance(t, PathT) and t.must_exist else v
+        elif isinstance(t, BoolT):
+            if isinstance(v, bool):
+                return v
+        elif isinstance(t, EnumT):
+            return self.choice(v, t, span)
+        elif isinstance(t, ListT):
+            if isinstance(v, list):
+                if t.length is not None and len(v) != t.length:
+                    self.err("E0314", f"expected a list of {t.length} items, found {len(v)}", span)
+                    return BAD
+                items = [self.coerce(x, t.item, span) for x in v]
+                return BAD if any(x is BAD for x in items) else items
+        elif isinstance(t, CallT):
+            return self.call_value(v, t, span)
+        elif isinstance(t, ModelT):
+            if isinstance(v, Ref) and v.kind == "model":
+                return v
+        elif isinstance(t, DataT):
+            if isinstance(v, Ref) and v.kind == "data":
+                return v
+        self.err("E0305", f"expected {_article(t.describe())}, found {_describe(v)}", span,
+                 _type_hint(v, t))
+        return BAD
+
+    def in_range(self, v, lo, hi, lo_open, hi_open, span: Span):
+        below = lo is not None and (v <= lo if lo_open else v < lo)
+        above = hi is not None and (v >= hi if hi_open else v > hi)
+        if below or above:
+            self.err("E0306", f"{v} is out of range: expected a value{_range(lo, hi, lo_open, hi_open)}", span)
+            return BAD
+        return v
+
+    def choice(self, v: Any, t: EnumT, span: Span) -> Any:
+        if isinstance(v, Bare) and v.name in t.choices:
+            if v.name in t.unavailable:
+                self.err("E0302", f"'{v.name}' is not available in this version", span,
+                         f"available now: {', '.join(c for c in t.choices if c not in t.unavailable)}")
+                return BAD
+            return v.name
+        name = v.name if isinstance(v, (Bare, Ref)) else v if isinstance(v, str) else None
+        if isinstance(v, str):
+            hint = f"write the choice as a bare name, without quotes: {v}" if v in t.choices else None
+        else:
+            hint = None
+        self.err("E0307", f"{_describe(v)} is not a choice here", span,
+                 hint or _did_you_mean(name or "", t.choices, "choices"))
+        return BAD
+
+    def call_value(self, v: Any, t: CallT, span: Span) -> Any:
+        reg = R.CALLABLES[t.registry]
+        if isinstance(v, ast.Call):
+            return self.call(v, reg) or BAD
+        if isinstance(v, Bare) and t.bare_ok:
+            entry = reg.entries.get(v.name)
+            if entry is not None and not any(p.required for p in entry.params):
+                return CallValue(v.name, {p.name: p.default for p in entry.params})
+            if entry is None:
+                self.err("E0301", f"unknown {reg.kind} '{v.name}'", span,
+                         _did_you_mean(v.name, reg.names(), f"{reg.kind}s"))
+                return BAD
+        self.err("E0305", f"expected a {reg.kind} such as {reg.names()[0]}(...), found {_describe(v)}", span,
+                 _did_you_mean(getattr(v, "name", ""), reg.names(), f"{reg.kind}s"))
+        return BAD
+
+    def path(self, value: str, span: Span) -> Any:
+        full = os.path.normpath(os.path.join(self.base_dir, value))
+        if not os.path.exists(full):
+            self.err("E0401", f"file not found: '{value}'", span,
+                     f"paths are relative to the .eff file's folder; looked for {full}")
+            return BAD
+        return full
+
+
+def _article(text: str) -> str:
+    return ("an " if text[0] in "aeiou" else "a ") + text
+
+
+def _type_hint(v: Any, t: Any) -> str | None:
+    if isinstance(t, SizeT) and isinstance(v, (int, float)):
+        return f"write a size with a unit, such as {v}GiB or {v}MiB"
+    if isinstance(t, (IntT, FloatT)) and isinstance(v, str):
+        return "write the number without quotes"
+    if isinstance(t, ListT) and not isinstance(v, list):
+        return f"write a list: [{v.name if isinstance(v, (Bare, Ref)) else '...'}]"
+    if isinstance(t, ModelT) and isinstance(v, Bare):
+        return "name a declared model, or a snapshot model@stage"
+    return None
+
+
+def _generic(path: str) -> str:
+    """'layers[3].attn' -> 'layers[*].attn', for hints about a whole selection."""
+    return re.sub(r"\[\d+\]", "[*]", path)
+
+
+def _slice_text(ix: ast.IndexSlice) -> str:
+    return f"{'' if ix.start is None else ix.start}:{'' if ix.stop is None else ix.stop}"
+
+
+def _sel_text(sel: ast.Selector) -> str:
+    parts = [sel.model.name]
+    for seg in sel.path:
+        if isinstance(seg, ast.AnyDepth):
+            parts.append("**")
+        elif isinstance(seg, ast.NameSet):
+            parts.append("{" + ",".join(n.name for n in seg.names) + "}")
+        else:
+            ix = seg.index
+            suffix = "" if ix is None else "[*]" if isinstance(ix, ast.IndexAll) else \
+                f"[{ix.index}]" if isinstance(ix, ast.IndexAt) else f"[{_slice_text(ix)}]"
+            parts.append(seg.name.name + suffix)
+    return ".".join(parts) + (f":{sel.kind.name}" if sel.kind else "")
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _overrides(overrides: dict[str, str] | None, program: ast.Program) -> tuple[dict, list[Diagnostic]]:
+    out, diags = {}, []
+    declared = {i.name.name for i in program.items if isinstance(i, ast.Param)}
+    where = Span("<command line>", 1, 1, 1, 2)
+    for name, text in (overrides or {}).items():
+        if name not in declared:
+            diags.append(error("E0111", f"--set {name}: the file has no param '{name}'", where,
+                               _did_you_mean(name, declared, "params")))
+            continue
+        parsed = parse(f"param {name} = {text}\n", "<command line>")
+        if parsed.program is None or len(parsed.program.items) != 1:
+            diags.append(error("E0111", f"--set {name}={text}: the value does not parse", where,
+                               "give a number, size, string in quotes, true/false or a list"))
+            continue
+        out[name] = parsed.program.items[0].value
+    return out, diags
+
+
+def check(program: ast.Program, source: str = "", catalog: ModelCatalog | None = None,
+          overrides: dict[str, str] | None = None) -> CheckResult:
+    """Check a parsed program. Paths resolve relative to the program's file."""
+    over, diags = _overrides(overrides, program)
+    base = os.path.dirname(os.path.abspath(program.path)) if program.path != "<input>" else os.getcwd()
+    c = _Checker(program, catalog or default_catalog(), base, over)
+    try:
+        c.run()
+    except Exception as exc:  # a checker bug must reach the user as a diagnostic, not a traceback
+        c.diags.append(error("E9001", f"internal error in the checker: {type(exc).__name__}: {exc}",
+                             Span(program.path, 1, 1, 1, 2), "please report this with the .eff file"))
+    return CheckResult(program, sort_diagnostics(diags + c.diags), source, c.params, c.models, c.data, c.budget)
+
+
+def check_source(text: str, path: str = "<input>", catalog: ModelCatalog | None = None,
+                 overrides: dict[str, str] | None = None) -> CheckResult:
+    parsed = parse(text, path)
+    if parsed.program is None:
+        return CheckResult(None, sort_diagnostics(parsed.diagnostics), parsed.source)
+    return check(parsed.program, parsed.source, catalog, overrides)
+
+
+def check_file(path: str, catalog: ModelCatalog | None = None,
+               overrides: dict[str, str] | None = None) -> CheckResult:
+    """Read and check a file; an unreadable or non-UTF-8 file is a diagnostic (E0010)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        hint = "check the path" if isinstance(exc, OSError) else "save the file as UTF-8"
+        return CheckResult(None, [error("E0010", f"cannot read '{path}': {reason}",
+                                        Span(path, 1, 1, 1, 2), hint)], "")
+    return check_source(text, path, catalog, overrides)

@@ -1,0 +1,245 @@
+"""The registries: one per kind of name, so `linear` can be a schedule, a merge and a kind
+filter at once without collision.
+
+This version registers the signatures of `decoder`, the data sources, `adamw`, the
+schedules and `lora`; every other settled name is listed as *planned* with the issue
+that implements it, and the checker refuses it with "not available in this version".
+Statement options and their settled choices are in `STATEMENTS`.
+"""
+
+from __future__ import annotations
+
+from effc.lang.types import (
+    REQUIRED, BoolT, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, Param, PathT,
+    Problem, Registry, SizeT, StrT,
+)
+
+_SPINE = "the compiler-and-runtime issue (#3)"
+_MODELS = "the real-models issue (#4)"
+_COMPRESS = "the compression issue (#5)"
+_PLAN = "the planning issue (#7)"
+
+# ---------------------------------------------------------------- model families
+
+
+def _decoder_constraints(a: dict) -> list[Problem]:
+    out = []
+    dim, heads, kv = a.get("dim"), a.get("heads"), a.get("kv_heads")
+    if dim and heads and dim % heads:
+        out.append(Problem("heads", f"heads={heads} does not divide dim={dim}",
+                           f"each head has dim/heads channels; try heads={_divisor_near(dim, heads)}"))
+    elif dim and heads and (dim // heads) % 2:
+        out.append(Problem("heads", f"the head width dim/heads = {dim // heads} is odd",
+                           "rotary position embeddings rotate channel pairs: the head width must be even"))
+    if heads and kv and heads % kv:
+        out.append(Problem("kv_heads", f"kv_heads={kv} does not divide heads={heads}",
+                           "grouped-query attention shares each key/value head among heads/kv_heads query heads"))
+    return out
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
+
+
+FAMILIES = Registry("model family", {
+    "decoder": Entry(
+        "decoder",
+        (
+            Param("vocab", IntT(min=1), doc="vocabulary size"),
+            Param("dim", IntT(min=1), doc="model width"),
+            Param("layers", IntT(min=1), doc="number of transformer blocks"),
+            Param("heads", IntT(min=1), doc="attention heads"),
+            Param("kv_heads", IntT(min=1), None, "key/value heads (grouped-query attention)",
+                  default_doc="heads"),
+            Param("ffn", IntT(min=1), doc="hidden width of the SwiGLU MLP"),
+            Param("seq", IntT(min=1), doc="maximum sequence length"),
+            Param("tied", BoolT(), False, "tie the output head to the embedding"),
+            Param("rope_theta", FloatT(min=0, min_open=True), 10000.0, "rotary embedding base"),
+            Param("norm_eps", FloatT(min=0, min_open=True), 1e-5, "RMSNorm epsilon"),
+        ),
+        "Llama-style decoder: RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention.",
+        paper="Touvron et al. 2023, LLaMA (arXiv:2302.13971)",
+        constraints=_decoder_constraints,
+    ),
+}, planned={"hf": _MODELS})
+
+# ---------------------------------------------------------------- data sources
+
+_SEQ = Param("seq", IntT(min=1), doc="tokens per training sequence")
+
+
+def _jsonl_constraints(a: dict) -> list[Problem]:
+    has_p, has_r = a.get("prompt") is not None, a.get("response") is not None
+    if has_p != has_r:
+        missing = "response" if has_p else "prompt"
+        return [Problem("prompt" if has_p else "response",
+                        f"'{missing}' is missing: instruction data names both fields",
+                        f"add {missing}=\"...\" (the JSON field that holds the {missing})")]
+    if has_p and a.get("field") is not None:
+        return [Problem("field", "give either field=... (plain text) or prompt=/response= (instruction data), not both")]
+    return []
+
+
+DATA_SOURCES = Registry("data source", {
+    "text": Entry("text", (
+        Param("path", PathT(), doc="a UTF-8 text file"),
+        _SEQ,
+        Param("tokenizer", StrT(), "bytes", "'bytes' (byte-level) or a path to a tokenizer.json"),
+    ), "Plain text, tokenized and cut into sequences; the last 5% is the validation split."),
+    "jsonl": Entry("jsonl", (
+        Param("path", PathT(), doc="a JSON-lines file, one record a line"),
+        _SEQ,
+        Param("field", StrT(), None, "the record field holding plain text", default_doc="text"),
+        Param("prompt", StrT(), None, "instruction data: the field holding the prompt"),
+        Param("response", StrT(), None, "instruction data: the field holding the response"),
+    ), "JSON lines: plain text from one field, or prompt/response pairs (loss on the response).",
+        constraints=_jsonl_constraints),
+    "markov": Entry("markov", (
+        _SEQ,
+        Param("seed", IntT(min=0), 0, "seed of the random chain"),
+    ), "Synthetic text from a random Markov chain whose entropy rate is known exactly."),
+    "stdlib_text": Entry("stdlib_text", (_SEQ,),
+                         "Real English text that every Python install has (the standard library's docs)."),
+})
+
+# ---------------------------------------------------------------- optimizers and schedules
+
+OPTIMIZERS = Registry("optimizer", {
+    "adamw": Entry("adamw", (
+        Param("lr", FloatT(min=0, min_open=True), 1e-3, "learning rate"),
+        Param("betas", ListT(FloatT(min=0, max=1, max_open=True), length=2), [0.9, 0.999],
+              "moment decay rates"),
+        Param("weight_decay", FloatT(min=0), 0.0, "decoupled weight decay"),
+    ), "AdamW: Adam with decoupled weight decay.",
+        paper="Loshchilov & Hutter 2019, Decoupled Weight Decay Regularization (arXiv:1711.05101)"),
+})
+
+_WARMUP = Param("warmup", IntT(min=0), 0, "linear warm-up steps")
+SCHEDULES = Registry("schedule", {
+    "constant": Entry("constant", (), "Constant learning rate."),
+    "linear": Entry("linear", (_WARMUP,), "Warm-up, then linear decay to zero."),
+    "cosine": Entry("cosine", (_WARMUP,), "Warm-up, then cosine decay to zero.",
+                    paper="Loshchilov & Hutter 2017, SGDR (arXiv:1608.03983)"),
+})
+
+MERGES = Registry("merge", {}, planned={
+    "linear": _COMPRESS, "task_arithmetic": _COMPRESS, "ties": _COMPRESS, "dare": _COMPRESS,
+})
+
+# ---------------------------------------------------------------- techniques per statement
+
+
+def _lora_targets(a: dict, targets: list) -> list[Problem]:
+    rank = a.get("rank")
+    if not isinstance(rank, int):
+        return []
+    for t in targets:
+        i, o = t.module.shape
+        if rank > min(i, o):
+            return [Problem("rank", f"rank={rank} exceeds the width of '{t.path}' ({i} -> {o})",
+                            f"a rank above min(in, out) = {min(i, o)} adds parameters but no expressiveness")]
+    return []
+
+
+ADAPTERS = Registry("adapter", {
+    "lora": Entry("lora", (
+        Param("rank", IntT(min=1), doc="rank r of the update B·A"),
+        Param("alpha", FloatT(min=0, min_open=True), None, "scale numerator: the update is (alpha/r)·B·A",
+              default_doc="rank"),
+        Param("dropout", FloatT(min=0, max=1, max_open=True), 0.0, "dropout on the adapter's input"),
+        Param("init", EnumT(("kaiming", "gaussian")), "kaiming", "initialisation of A (B starts at zero)"),
+        Param("per_loop", BoolT(), False, "one adapter per recursion loop (Relaxed Recursive Transformers)",
+              available=False),
+    ), "Low-rank adaptation: a frozen weight W plus a trained low-rank update (alpha/r)·B·A.",
+        paper="Hu et al. 2021, LoRA (arXiv:2106.09685)", targets=("linear",),
+        target_constraints=_lora_targets),
+}, planned={n: _MODELS for n in ("dora", "paca", "svfit", "nola", "mos", "bottleneck", "prompt",
+                                 "embedding_rows", "ia3", "peft")})
+
+SHARING = Registry("sharing technique", {}, planned={"recursive": _COMPRESS})
+PRUNERS = Registry("pruning method", {}, planned={
+    n: _COMPRESS for n in ("magnitude", "nm", "wanda", "heads", "channels", "drop_sublayers")})
+QUANTIZERS = Registry("quantization scheme", {}, planned={
+    n: _COMPRESS for n in ("int8", "int4", "nf4", "qat")})
+
+# The registry each technique statement draws from.
+TECHNIQUES: dict[str, Registry] = {
+    "adapt": ADAPTERS, "share": SHARING, "prune": PRUNERS, "quantize": QUANTIZERS,
+}
+# Registries reachable through a CallT parameter.
+CALLABLES: dict[str, Registry] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+
+# Statements whose implementation has not landed (all their operands are still checked).
+PLANNED_STATEMENTS: dict[str, str] = {"tie": _COMPRESS}
+
+# ---------------------------------------------------------------- statement options
+
+METRICS = EnumT(("loss", "perplexity", "similarity"))
+EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"),
+                       unavailable=("hf", "peft", "compressed_tensors"))
+
+STATEMENTS: dict[str, Entry] = {
+    "train": Entry("train", (
+        Param("steps", IntT(min=1), doc="optimizer steps"),
+        Param("batch", IntT(min=1), 8, "sequences per optimizer step"),
+        Param("accumulate", IntT(min=1), 1, "micro-batches accumulated per step"),
+        Param("optimizer", CallT("optimizer"), None, "the optimizer", default_doc="adamw()"),
+        Param("schedule", CallT("schedule", bare_ok=True), None, "learning-rate schedule",
+              default_doc="constant"),
+        Param("clip", FloatT(min=0, min_open=True), None, "clip the gradient norm to this value"),
+        Param("seed", IntT(min=0), 0, "seed for initialisation, data order and dropout"),
+        Param("checkpoint_every", IntT(min=1), None, "write a resumable checkpoint every N steps"),
+        Param("eval_every", IntT(min=1), None, "evaluate on the validation split every N steps"),
+        Param("distill_from", ModelT(), None, "teacher model or snapshot for distillation",
+              available=False),
+        Param("temperature", FloatT(min=0, min_open=True), 1.0, "distillation temperature",
+              available=False),
+    ), "Train the model's trainable parameters on the data."),
+    "eval": Entry("eval", (
+        Param("metrics", ListT(METRICS), ["loss"], "what to measure"),
+        Param("against", ModelT(), None, "a model or snapshot to compare with"),
+        Param("samples", IntT(min=1), None, "evaluate on at most this many sequences"),
+    ), "Evaluate the model on the data."),
+    "export": Entry("export", (
+        Param("format", EXPORT_FORMATS, "effc", "file format"),
+        Param("merge_adapters", BoolT(), False, "fold adapters into the base weights"),
+    ), "Write the model to a folder."),
+    "budget": Entry("budget", (
+        Param("memory", SizeT(), doc="peak memory the run may use, per device"),
+        Param("devices", IntT(min=1), 1, "devices per node", available=False),
+        Param("nodes", IntT(min=1), 1, "nodes", available=False),
+    ), "Resource budget the cost estimate and the planner must respect."),
+}
+
+# Data splits a data declaration provides (`corpus.validation`).
+DATA_SPLITS = ("train", "validation")
+
+
+def all_registries() -> dict[str, Registry]:
+    """Every registry by a stable key, for the docs, the editors and the language server."""
+    return {
+        "family": FAMILIES, "data": DATA_SOURCES, "optimizer": OPTIMIZERS,
+        "schedule": SCHEDULES, "merge": MERGES, "adapt": ADAPTERS, "share": SHARING,
+        "prune": PRUNERS, "quantize": QUANTIZERS,
+    }
+
+
+def enum_choices() -> dict[str, str]:
+    """Every bare-name choice in the language -> where it is a choice (for shadowing)."""
+    out: dict[str, str] = {}
+    groups = [(e.name, e.params) for r in all_registries().values() for e in r.entries.values()]
+    groups += [(name, e.params) for name, e in STATEMENTS.items()]
+    for owner, params in groups:
+        for p in params:
+            t = p.type.item if isinstance(p.type, ListT) else p.type
+            if isinstance(t, EnumT):
+                for c in t.choices:
+                    out.setdefault(c, f"{owner}({p.name}=...)")
+    for name in SCHEDULES.entries:
+        out.setdefault(name, "train(schedule=...)")
+    return out
+
+
+__all__ = ["REQUIRED", "FAMILIES", "DATA_SOURCES", "OPTIMIZERS", "SCHEDULES", "MERGES",
+           "ADAPTERS", "SHARING", "PRUNERS", "QUANTIZERS", "TECHNIQUES", "CALLABLES",
+           "PLANNED_STATEMENTS", "STATEMENTS", "DATA_SPLITS", "all_registries", "enum_choices"]
