@@ -99,7 +99,7 @@ DATA_SOURCES = Registry("data source", {
         Param("seed", IntT(min=0), 0, "seed of the random chain"),
     ), "Synthetic text from a random Markov chain whose entropy rate is known exactly."),
     "stdlib_text": Entry("stdlib_text", (_SEQ,),
-                         "Real English text that every Python install has (the standard library's docs)."),
+                         "Real English text that every Python install has (taken from the standard library)."),
 })
 
 # ---------------------------------------------------------------- optimizers and schedules

@@ -1,0 +1,145 @@
+"""The `effc` command: a thin shell that wires the stages together.
+
+Exit status: 0 success, 1 the file has errors (or `fmt --check` found a difference),
+2 a usage problem or an internal error. No Python traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from effc import __version__
+from effc.lang.check import CheckResult, check_file
+from effc.lang.codes import CODES
+from effc.lang.diagnostics import Span, error, render_all, to_json
+
+app = typer.Typer(
+    help="effc compiles .eff pipeline files: one checked file from base model to exported model.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def _colour(stream) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def _overrides(pairs: list[str]) -> tuple[dict[str, str], list]:
+    out, bad = {}, []
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name.strip():
+            bad.append(error("E0111", f"--set {pair}: expected name=value", Span("<command line>", 1, 1, 1, 2),
+                             "for example: --set rank=16"))
+        else:
+            out[name.strip()] = value.strip()
+    return out, bad
+
+
+def _report(result: CheckResult, file: Path, fmt: OutputFormat, extra: list) -> int:
+    diags = list(extra) + list(result.diagnostics)
+    if fmt is OutputFormat.json:
+        typer.echo(to_json(diags))
+    elif diags:
+        typer.echo(render_all(diags, {str(file): result.source}, colour=_colour(sys.stderr)), err=True)
+    failed = any(d.severity.value == "error" for d in diags)
+    return 1 if failed else 0
+
+
+@app.command()
+def check(
+    file: Path = typer.Argument(..., help="the .eff file"),
+    format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text for people, json for tools"),
+    set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
+) -> None:
+    """Find every mistake in a .eff file before anything runs (exit 1 on any error)."""
+    overrides, bad = _overrides(set_)
+    result = check_file(str(file), overrides=overrides)
+    status = _report(result, file, format, bad)
+    if status == 0 and format is OutputFormat.text:
+        typer.echo(f"{file}: ok", err=True)
+    raise typer.Exit(status)
+
+
+@app.command()
+def fmt(
+    file: Path = typer.Argument(..., help="the .eff file"),
+    write: bool = typer.Option(False, "--write", help="rewrite the file in place"),
+    check_: bool = typer.Option(False, "--check", help="exit 1 if the file is not formatted"),
+    diff: bool = typer.Option(False, "--diff", help="show a unified diff instead of the text"),
+) -> None:
+    """Print the canonical formatting of a .eff file (keeps every comment; idempotent)."""
+    from effc.lang.format import format_source
+
+    result = check_file(str(file))  # reads the file with the same diagnostics as check
+    if result.program is None:
+        raise typer.Exit(_report(result, file, OutputFormat.text, []))
+    formatted, diags = format_source(result.source, str(file))
+    if formatted is None:
+        raise typer.Exit(_report(CheckResult(None, list(diags), result.source), file, OutputFormat.text, []))
+    changed = formatted != result.source
+    if diff:
+        lines = difflib.unified_diff(result.source.splitlines(keepends=True), formatted.splitlines(keepends=True),
+                                     f"{file}", f"{file} (formatted)")
+        typer.echo("".join(lines), nl=False)
+    if write and changed:
+        tmp = file.with_name(f".{file.name}.effc-fmt.tmp")
+        tmp.write_text(formatted, encoding="utf-8")
+        os.replace(tmp, file)  # atomic: a crash never leaves a half-written file
+    if check_:
+        if changed:
+            typer.echo(f"{file}: would reformat", err=True)
+        raise typer.Exit(1 if changed else 0)
+    if not write and not diff:
+        typer.echo(formatted, nl=False)
+
+
+@app.command()
+def explain(code: str = typer.Argument(..., help="a diagnostic code such as E0203")) -> None:
+    """Explain a diagnostic code."""
+    key = code.strip().upper()
+    if key not in CODES:
+        near = difflib.get_close_matches(key, CODES, n=3)
+        typer.echo(f"error: no diagnostic code '{code}'" + (f"; did you mean {', '.join(near)}?" if near else ""),
+                   err=True)
+        typer.echo("   = hint: `effc explain` takes codes such as E0203; docs/language.md lists them all", err=True)
+        raise typer.Exit(2)
+    title, text = CODES[key]
+    typer.echo(f"{key}: {title}\n\n{text}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"effc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
+                                                 help="print the version and exit")) -> None:
+    """effc compiles .eff pipeline files."""
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug in effc: say so plainly, never show a traceback
+        typer.echo(f"error[E9001]: internal error: {type(exc).__name__}: {exc}\n"
+                   "   = hint: please report this with the command and the .eff file", err=True)
+        sys.exit(2)
