@@ -107,7 +107,14 @@ class CheckResult:
 
 
 def _nearest(name: str, options, n: int = 1) -> list[str]:
-    return difflib.get_close_matches(name, list(options), n=n, cutoff=0.6)
+    """Close spellings first; failing that, an option that is the name's first word
+    ('q_prj' -> 'q') or that the name abbreviates ('val' -> 'validation')."""
+    options = list(options)
+    close = difflib.get_close_matches(name, options, n=n, cutoff=0.6)
+    if close or not name:
+        return close
+    head = name.split("_")[0]
+    return [o for o in options if o == head or o.startswith(name)][:n]
 
 
 def _did_you_mean(name: str, options, what: str) -> str:

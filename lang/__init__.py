@@ -1,0 +1,1 @@
+"""effc.lang: the .eff language front end (grammar, AST, checker, diagnostics, formatter)."""

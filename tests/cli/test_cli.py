@@ -1,0 +1,125 @@
+"""The effc command: exit codes, streams, formats. Most tests call the Typer app in
+process; a few run the installed console script to prove no traceback reaches a user."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from effc.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = str(ROOT / "examples" / "quickstart.eff")
+runner = CliRunner()
+
+GOOD = """pipeline p
+model m = decoder(vocab=64, dim=32, layers=2, heads=4, ffn=64, seq=16)
+data d = markov(seq=16)
+stage s:
+    train m on d (steps=1)
+"""
+BAD = GOOD.replace("steps=1", "steps=1, stepz=2") + "stage t:\n    adapt m.layers[*].attn.{q_prj} with lora(rank=4)\n"
+
+
+def write(tmp_path, text, name="{path}:5:28:"):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return str(p)
+
+
+def test_check_ok_exits_0():
+    r = runner.invoke(app, ["check", QUICKSTART])
+    assert r.exit_code == 0, r.output
+    assert "ok" in r.stderr
+
+
+def test_check_errors_exit_1_with_every_diagnostic(tmp_path):
+    path = write(tmp_path, BAD)
+    r = runner.invoke(app, ["check", path])
+    assert r.exit_code == 1
+    assert f"{path}:5:28: error[E0310]: 'train' has no option 'stepz'" in r.stderr
+    assert f"{path}:7:29: error[E0203]: selector matches nothing: 'q_prj'" in r.stderr
+    assert "2 errors" in r.stderr
+    assert "\x1b[" not in r.stderr  # no colour when not writing to a terminal
+
+
+def test_check_json(tmp_path):
+    r = runner.invoke(app, ["check", write(tmp_path, BAD), "--format", "json"])
+    assert r.exit_code == 1
+    data = json.loads(r.stdout)
+    assert [(d["code"], d["line"], d["col"]) for d in data] == [("E0310", 5, 28), ("E0203", 7, 29)]
+    assert data[1]["end_col"] == 34 and "did you mean 'q'?" in data[1]["hint"]
+
+
+def test_check_json_clean_is_empty_list():
+    r = runner.invoke(app, ["check", QUICKSTART, "--format", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout) == []
+
+
+def test_set_overrides_a_param():
+    assert runner.invoke(app, ["check", QUICKSTART, "--set", "rank=16"]).exit_code == 0
+    r = runner.invoke(app, ["check", QUICKSTART, "--set", "rank=0"])
+    assert r.exit_code == 1 and "E0306" in r.stderr
+    r = runner.invoke(app, ["check", QUICKSTART, "--set", "rnk=3"])
+    assert r.exit_code == 1 and "E0111" in r.stderr and "did you mean 'rank'?" in r.stderr
+    r = runner.invoke(app, ["check", QUICKSTART, "--set", "rank"])
+    assert r.exit_code == 1 and "expected name=value" in r.stderr
+
+
+def test_missing_file_is_a_diagnostic(tmp_path):
+    r = runner.invoke(app, ["check", str(tmp_path / "nope.eff")])
+    assert r.exit_code == 1 and "E0010" in r.stderr and "No such file" in r.stderr
+
+
+def test_explain():
+    r = runner.invoke(app, ["explain", "e0203"])
+    assert r.exit_code == 0 and r.stdout.startswith("E0203: selector matches nothing")
+    r = runner.invoke(app, ["explain", "E0204x"])
+    assert r.exit_code == 2 and "no diagnostic code" in r.stderr
+
+
+def test_fmt_modes(tmp_path):
+    messy = "pipeline   p\nmodel m = decoder(vocab=64,dim=32,layers=2,heads=4,ffn=64,seq=16)   # c\n"
+    path = write(tmp_path, messy)
+    r = runner.invoke(app, ["fmt", path])
+    assert r.exit_code == 0
+    expected = "pipeline p\nmodel m = decoder(vocab=64, dim=32, layers=2, heads=4, ffn=64, seq=16)  # c\n"
+    assert r.stdout == expected
+    r = runner.invoke(app, ["fmt", path, "--check"])
+    assert r.exit_code == 1 and "would reformat" in r.stderr
+    r = runner.invoke(app, ["fmt", path, "--diff"])
+    assert r.exit_code == 0 and "-pipeline   p\n" in r.stdout and "+pipeline p\n" in r.stdout
+    assert Path(path).read_text() == messy  # --diff and plain fmt never write
+    assert runner.invoke(app, ["fmt", path, "--write"]).exit_code == 0
+    assert Path(path).read_text() == expected
+    assert runner.invoke(app, ["fmt", path, "--check"]).exit_code == 0
+    assert list(tmp_path.iterdir()) == [Path(path)]  # no temporary file left behind
+
+
+def test_fmt_refuses_a_file_with_syntax_errors(tmp_path):
+    path = write(tmp_path, "stage s\n    train m on d\n")
+    r = runner.invoke(app, ["fmt", path, "--write"])
+    assert r.exit_code == 1 and "E0001" in r.stderr
+    assert Path(path).read_text() == "stage s\n    train m on d\n"
+
+
+def _effc(*args, cwd=None):
+    exe = Path(sys.executable).with_name("effc")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "effc"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_console_script_never_shows_a_traceback(tmp_path):
+    (tmp_path / "bin.eff").write_bytes(b"\xff\xfe\x00garbage")
+    for args in (["check", str(tmp_path / "bin.eff")], ["check", str(tmp_path)], ["fmt", str(tmp_path)],
+                 ["check"], ["nonsense"], ["check", QUICKSTART, "--format", "xml"]):
+        r = _effc(*args)
+        assert r.returncode in (1, 2), (args, r.returncode)
+        assert "Traceback" not in r.stderr + r.stdout, args
+
+
+def test_version():
+    r = _effc("--version")
+    assert r.returncode == 0 and r.stdout.startswith("effc ")

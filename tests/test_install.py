@@ -1,0 +1,80 @@
+"""effc installs as a package: non-editable (used from outside the checkout) and editable.
+
+Each install goes into a fresh virtual environment that sees this environment's
+dependencies (--system-site-packages) and builds effc without network access."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["pyproject.toml", "README.md", "__init__.py", "__main__.py", "cli.py",
+           "lang", "compiler", "runtime", "kernels"]
+
+
+def _venv(where: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(where)], check=True)
+    return where / "bin"
+
+
+def _pip_install(bin_dir: Path, *args: str) -> None:
+    r = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                        "--no-index", "-q", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _where(bin_dir: Path, cwd: Path) -> dict:
+    code = ("import effc, effc.lang, effc.cli, effc.compiler, effc.runtime, effc.kernels, json, os;"
+            "from importlib import resources;"
+            "print(json.dumps({'lang': os.path.realpath(effc.lang.__file__),"
+            " 'grammar': resources.files('effc.lang').joinpath('grammar.lark').is_file()}))")
+    r = subprocess.run([str(bin_dir / "python"), "-c", code], capture_output=True, text=True, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    d = tmp_path / "elsewhere"
+    d.mkdir()
+    return d
+
+
+def test_non_editable_install_works_from_outside_the_checkout(tmp_path, outside):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCES:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy2)(ROOT / name, src / name)
+    bin_dir = _venv(tmp_path / "venv")
+    _pip_install(bin_dir, str(src))
+    shutil.rmtree(src)  # the installed package must not need its source tree
+    where = _where(bin_dir, outside)
+    assert where["lang"].startswith(os.path.realpath(tmp_path / "venv")), where
+    assert where["grammar"]
+    example = outside / "quickstart.eff"
+    shutil.copy2(ROOT / "examples" / "quickstart.eff", example)
+    r = subprocess.run([str(bin_dir / "effc"), "check", "quickstart.eff"], capture_output=True, text=True,
+                       cwd=outside)
+    assert r.returncode == 0, r.stderr
+    assert "quickstart.eff: ok" in r.stderr
+
+
+def test_editable_install_points_at_the_checkout(tmp_path, outside):
+    bin_dir = _venv(tmp_path / "venv")
+    _pip_install(bin_dir, "-e", str(ROOT))
+    try:
+        where = _where(bin_dir, outside)
+        assert where["lang"] == os.path.realpath(ROOT / "lang" / "__init__.py")
+        assert where["grammar"]
+        r = subprocess.run([str(bin_dir / "effc"), "check", str(ROOT / "examples" / "quickstart.eff")],
+                           capture_output=True, text=True, cwd=outside)
+        assert r.returncode == 0, r.stderr
+    finally:
+        for leftover in ROOT.glob("*.egg-info"):
+            shutil.rmtree(leftover)
