@@ -18,7 +18,6 @@ so formatting is idempotent and `parse(fmt(x)).program == parse(x).program`:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from effc.lang import ast
@@ -97,29 +96,10 @@ def _leaves(program: ast.Program) -> list[_Leaf]:
     for item in program.items:
         if isinstance(item, ast.Stage):
             out.append(_Leaf(item, 0, item.span.line, item.span.line))
-            out.extend(_Leaf(s, 1, s.span.line, _end_line(s, program.comments)) for s in item.body)
+            out.extend(_Leaf(s, 1, s.span.line, s.span.end_line) for s in item.body)
         else:
-            out.append(_Leaf(item, 0, item.span.line, _end_line(item, program.comments)))
+            out.append(_Leaf(item, 0, item.span.line, item.span.end_line))
     return out
-
-
-def _end_line(node: ast.Item | ast.Stmt, comments: tuple[ast.Comment, ...]) -> int:
-    """The last source line of a declaration or statement.
-
-    Works around a parser bug: `_ToAst._span` pulls a statement's end back over the
-    comments after it, but takes a comment starting in column 1 for code (its
-    `_scan_line(text)[1] or len(text)` reads index 0 as "no comment"), so the span then
-    ends on that comment's line. A span's real last line holds code, never an own-line
-    comment; when it does not, the end is the last line of the node's parts or of a
-    comment written after its code (only an options list's lone `)` line is missed).
-    """
-    end = node.span.end_line
-    if not any(c.own_line and c.span.col == 1 and c.span.line == end for c in comments):
-        return end
-    parts = [getattr(node, f.name) for f in dataclasses.fields(node) if f.name != "span"]
-    lines = [p.span.end_line for part in parts for p in (part if isinstance(part, tuple) else (part,))]
-    lines += [c.span.line for c in comments if not c.own_line and node.span.line <= c.span.line <= end]
-    return max(lines, default=node.span.line)
 
 
 def _leaf_entry(leaf: _Leaf) -> _Entry:
@@ -190,11 +170,14 @@ def _parts(node: ast.Item | ast.Stmt) -> tuple[str, list[str] | None, str]:
             return f"stage {name.name}:", None, ""
         case ast.Train() | ast.Eval():
             verb = "train" if isinstance(node, ast.Train) else "eval"
-            return _options(f"{verb} {_model_ref(node.model)} on {_data_ref(node.data)}", node.options)
+            head = f"{verb} {_model_ref(node.model)} on {_data_ref(node.data)}"
+            return _options(head, node.options)
         case ast.Export():
-            return _options(f"export {_model_ref(node.model)} to {format_expr(node.path)}", node.options)
+            head = f"export {_model_ref(node.model)} to {format_expr(node.path)}"
+            return _options(head, node.options)
         case ast.Tie():
-            return f"tie {format_selector(node.target)} with {format_selector(node.source)}", None, ""
+            target, source = format_selector(node.target), format_selector(node.source)
+            return f"tie {target} with {source}", None, ""
         case ast.Adapt() | ast.Share() | ast.Prune() | ast.Quantize():
             verb, word = _TECHNIQUES[type(node)]
             return _trailing_value(f"{verb} {format_selector(node.target)} {word} ", node.technique)

@@ -125,6 +125,12 @@ def _scan_line(line: str) -> tuple[int, int | None]:
     return depth, None
 
 
+def _code(line: str) -> str:
+    """The line without its comment."""
+    at = _scan_line(line)[1]
+    return line if at is None else line[:at]
+
+
 def _comments(lines: list[str], path: str) -> tuple[ast.Comment, ...]:
     out = []
     for no, line in enumerate(lines, 1):
@@ -146,7 +152,7 @@ def _logical_line(lines: list[str], lineno: int) -> tuple[int, int]:
     starts a statement at the same or a lower indentation (the bracket was never closed)."""
     start, depth = None, 0
     for no, line in enumerate(lines, 1):
-        code = line[: _scan_line(line)[1] or len(line)]
+        code = _code(line)
         first = re.match(r"\s*([a-z_]+)", code)
         restart = (depth > 0 and start is not None and first is not None
                    and first.group(1) in _STARTERS and _indent(code) <= _indent(lines[start - 1]))
@@ -171,7 +177,7 @@ def _blank_block(lines: list[str], first: int, last: int, deeper_than: int) -> N
     no = last + 1
     while no <= len(lines):
         code = lines[no - 1]
-        stripped = code[: _scan_line(code)[1] or len(code)].strip()
+        stripped = _code(code).strip()
         if stripped and _indent(code) <= deeper_than:
             break
         lines[no - 1] = ""
@@ -339,7 +345,7 @@ class _ToAst(Transformer):
         line, col = meta.end_line, meta.end_column
         while line > meta.line or (line == meta.line and col > meta.column):
             text = self.lines[line - 1] if line <= len(self.lines) else ""
-            code = text[: _scan_line(text)[1] or len(text)][: col - 1].rstrip()
+            code = _code(text)[: col - 1].rstrip()
             if code:
                 col = len(code) + 1
                 break
@@ -563,7 +569,7 @@ def _recover(lines: list[str], d: Diagnostic, e: BaseException, touched: set[int
         return False
     touched.update(range(first, last + 1))
     base = _indent(lines[first - 1])
-    code = lines[first - 1][: _scan_line(lines[first - 1])[1] or None].rstrip()
+    code = _code(lines[first - 1]).rstrip()
     if d.code in ("E0004", "E0005"):  # the whole wrongly indented block goes
         _blank_block(lines, first, last, base - 1)
         return True

@@ -10,7 +10,7 @@ Statement options and their settled choices are in `STATEMENTS`.
 from __future__ import annotations
 
 from effc.lang.types import (
-    REQUIRED, BoolT, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, Param, PathT,
+    REQUIRED, BoolT, CallT, Entry, EnumT, FloatT, IntT, ListT, ModelT, Param, PathT,
     Problem, Registry, SizeT, StrT,
 )
 
