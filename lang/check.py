@@ -364,9 +364,12 @@ class _Checker:
 
     def undefined(self, name: str, span: Span) -> None:
         if name in self.later:
+            self.used.add(name)  # it is used, just too early; "never used" would contradict this
             kind, decl = self.later[name]
             self.err("E0101", f"{kind} '{name}' is used before its declaration", span,
                      f"it is declared at line {decl.line}; move that declaration up")
+        elif name.lower() in ("true", "false"):
+            self.err("E0101", f"undefined name '{name}'", span, f"did you mean '{name.lower()}'? booleans are lowercase")
         else:
             self.err("E0101", f"undefined name '{name}'",
                      span, _did_you_mean(name, self.declared, "declared names"))
@@ -381,7 +384,7 @@ class _Checker:
         if found[0] != kind:
             self.err("E0107", f"'{ident.name}' is a {found[0]}, not a {kind}", ident.span,
                      _did_you_mean(ident.name, [n for n, (k, _) in self.declared.items() if k == kind],
-                                   f"{kind}s declared so far"))
+                                   f"{_plural(kind)} declared so far"))
             return False
         return True
 
@@ -529,10 +532,10 @@ class _Checker:
                 self.err("E0302", f"{reg.kind} '{name}' is not available in this version", call.func.span,
                          f"it comes with {reg.planned[name]}; available now: {', '.join(reg.names()) or 'none'}")
             else:
-                known = reg.names() + (also.names() if also else [])
-                what = reg.kind + (f"s and {also.kind}" if also else "")
-                self.err("E0301", f"unknown {reg.kind} '{name}'", call.func.span,
-                         _did_you_mean(name, known + list(reg.planned), f"{what}s"))
+                regs = [reg] + ([also] if also else [])
+                known = [n for r in regs for n in list(r.entries) + list(r.planned)]
+                what = " and ".join(_plural(r.kind) for r in regs)
+                self.err("E0301", f"unknown {reg.kind} '{name}'", call.func.span, _did_you_mean(name, known, what))
             return None
         args = self.bind(call.args, entry, call.func.span, "E0303", "E0304", f"{name}(...)")
         return None if args is None else CallValue(name, args)
@@ -544,6 +547,7 @@ class _Checker:
         """Bind written arguments to the entry's parameters, type-check each, apply
         cross-argument constraints. Returns the arguments with defaults filled in."""
         ok, given, spans, seen_kw = True, {}, {}, False
+        meant: set[str] = set()  # parameters a misspelt argument probably meant
         positional = [p for p in entry.params]
         for i, a in enumerate(args):
             if isinstance(a, ast.KwArg):
@@ -551,7 +555,7 @@ class _Checker:
             elif seen_kw:
                 self.err("E0308", "positional argument after a keyword argument", a.span,
                          "give it by name, or move it before the keyword arguments")
-                ok = False
+                ok, meant = False, meant | {p.name for p in entry.params}
                 continue
             elif i >= len(positional):
                 self.err("E0308", f"{owner} takes at most {len(positional)} positional arguments", a.span,
@@ -563,8 +567,9 @@ class _Checker:
             p = entry.param(pname)
             if p is None:
                 what = "option" if unknown == "E0310" else "argument"
-                self.err(unknown, f"{owner} has no {what} '{pname}'", aspan,
-                         _did_you_mean(pname, [q.name for q in entry.params], f"{what}s"))
+                names = [q.name for q in entry.params]
+                self.err(unknown, f"{owner} has no {what} '{pname}'", aspan, _did_you_mean(pname, names, f"{what}s"))
+                meant.update(_nearest(pname, names))
                 ok = False
                 continue
             if pname in given:
@@ -576,11 +581,11 @@ class _Checker:
                          aspan, "it is part of the settled language and comes with a later issue")
                 ok = False
                 continue
-            value = self.coerce(self.value(expr), p.type, expr.span)
+            value = self.coerce(self.value(expr), p.type, expr.span, expr)
             ok = ok and value is not BAD
             given[pname], spans[pname] = value, expr.span
         for p in entry.params:
-            if p.required and p.name not in given:
+            if p.required and p.name not in given and p.name not in meant:
                 what = "option" if missing == "E0311" else "argument"
                 self.err(missing, f"{owner} needs the {what} '{p.name}'", span,
                          f"add {p.name}=... ({p.type.describe()}: {p.doc})")
@@ -650,8 +655,9 @@ class _Checker:
                  "arithmetic works on numbers, params holding numbers, and sizes")
         return BAD
 
-    def coerce(self, v: Any, t: Any, span: Span) -> Any:
-        """Check a value against a parameter type; return the typed value or BAD."""
+    def coerce(self, v: Any, t: Any, span: Span, expr: ast.Expr | None = None) -> Any:
+        """Check a value against a parameter type; return the typed value or BAD. `expr`,
+        when given, places errors about list items on the item itself."""
         if v is BAD:
             return BAD
         if isinstance(v, list) and any(x is BAD for x in v):
@@ -683,7 +689,8 @@ class _Checker:
                 if t.length is not None and len(v) != t.length:
                     self.err("E0314", f"expected a list of {t.length} items, found {len(v)}", span)
                     return BAD
-                items = [self.coerce(x, t.item, span) for x in v]
+                spans = [x.span for x in expr.items] if isinstance(expr, ast.List) else [span] * len(v)
+                items = [self.coerce(x, t.item, s) for x, s in zip(v, spans)]
                 return BAD if any(x is BAD for x in items) else items
         elif isinstance(t, CallT):
             return self.call_value(v, t, span)
@@ -733,8 +740,11 @@ class _Checker:
                 self.err("E0301", f"unknown {reg.kind} '{v.name}'", span,
                          _did_you_mean(v.name, reg.names(), f"{reg.kind}s"))
                 return BAD
-        self.err("E0305", f"expected a {reg.kind} such as {reg.names()[0]}(...), found {_describe(v)}", span,
-                 _did_you_mean(getattr(v, "name", ""), reg.names(), f"{reg.kind}s"))
+        name = getattr(v, "name", "")
+        hint = (f"write it as a call: {name}()" if name in reg.entries
+                else _did_you_mean(name, reg.names(), _plural(reg.kind)))
+        self.err("E0305", f"expected {_article(reg.kind)} call such as {reg.names()[0]}(...), found {_describe(v)}",
+                 span, hint)
         return BAD
 
     def path(self, value: str, span: Span) -> Any:
@@ -744,6 +754,10 @@ class _Checker:
                      f"paths are relative to the .eff file's folder; looked for {full}")
             return BAD
         return full
+
+
+def _plural(kind: str) -> str:
+    return kind if kind.endswith("data") else kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
 
 
 def _article(text: str) -> str:
@@ -836,9 +850,13 @@ def check_file(path: str, catalog: ModelCatalog | None = None,
         with open(path, "rb") as f:
             data = f.read()
         text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        hint = "check the path" if isinstance(exc, OSError) else "save the file as UTF-8"
-        return CheckResult(None, [error("E0010", f"cannot read '{path}': {reason}",
-                                        Span(path, 1, 1, 1, 2), hint)], "")
+    except OSError as exc:
+        return CheckResult(None, [error("E0010", f"cannot read '{path}': {exc.strerror or exc}",
+                                        Span(path, 1, 1, 1, 2), "check the path")], "")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        return CheckResult(None, [error("E0010", f"'{path}' is not UTF-8 text: byte 0x{data[exc.start]:02x} "
+                                        f"at line {line}, column {col}", Span(path, line, col, line, col + 1),
+                                        "save the file as UTF-8")], "")
     return check_source(text, path, catalog, overrides)

@@ -88,7 +88,8 @@ def _parser() -> Lark:
 
 
 def keywords() -> list[str]:
-    """The reserved words of the language, read from the grammar."""
+    """The keywords of the language, read from the grammar. (The contextual lexer lets a
+    keyword serve as a name wherever only a name can stand: `(model=1)`, `stage train:`.)"""
     out = set()
     for t in _parser().terminals:
         if t.pattern.type == "str" and re.fullmatch(r"[a-z_]+", t.pattern.value):
@@ -157,6 +158,8 @@ def _logical_line(lines: list[str], lineno: int) -> tuple[int, int]:
         restart = (depth > 0 and start is not None and first is not None
                    and first.group(1) in _STARTERS and _indent(code) <= _indent(lines[start - 1]))
         if (depth <= 0 and code.strip()) or restart:
+            if restart and no > lineno:  # the unclosed line ends where the next statement starts
+                return start, no - 1
             start, depth = no, 0
         d, _ = _scan_line(line)
         depth += d
@@ -247,6 +250,8 @@ def _convert(e: BaseException, path: str, lines: list[str], history: list[Token]
         if ch == '"':
             return error("E0007", "string is not closed on this line", span,
                          'close it with " before the end of the line; strings cannot span lines')
+        if ch == "'":
+            return error("E0001", "unexpected character \"'\"", span, 'strings are written in double quotes: "..."')
         return error("E0001", f"unexpected character '{ch}'", span,
                      f"expected {_describe_expected(set(e.allowed or ()))}")
     if isinstance(e, UnexpectedToken):
@@ -265,6 +270,10 @@ def _convert(e: BaseException, path: str, lines: list[str], history: list[Token]
             close = {"(": ")", "[": "]", "{": "}"}[ob.value]
             return error("E0008", f"'{ob.value}' is never closed", _token_span(path, ob),
                          f"add '{close}' where the list ends, before {_describe_token(tok)} on line {tok.line}")
+        if prev is not None and prev.type == "_NL" and pprev is not None and pprev.type == "COLON":
+            span = Span(path, prev.line, prev.column, prev.line, prev.column + 1)
+            return error("E0011", "expected an indented block of statements after this line", span,
+                         "indent the statements of the stage under its header")
         if tok.type == "$END":
             return error("E0002", "unexpected end of file", span,
                          f"expected {_describe_expected(expected)}; is a bracket left open?")
@@ -272,10 +281,6 @@ def _convert(e: BaseException, path: str, lines: list[str], history: list[Token]
             span = Span(path, tok.end_line, 1, tok.end_line, max(tok.end_column, 2))
             return error("E0005", "unexpected indentation", span,
                          "only the statements of a stage are indented; remove the leading spaces")
-        if prev is not None and prev.type == "_NL" and pprev is not None and pprev.type == "COLON":
-            span = Span(path, prev.line, prev.column, prev.line, prev.column + 1)
-            return error("E0011", "expected an indented block of statements after this line", span,
-                         "indent the statements of the stage under its header")
         if tok.value in ("train", "eval", "adapt", "share", "tie", "prune", "quantize") and "STAGE" in expected:
             return error("E0009", f"'{tok.value}' is a stage statement, found outside a stage", span,
                          "put it in a 'stage NAME:' block, indented under the header")
@@ -284,7 +289,18 @@ def _convert(e: BaseException, path: str, lines: list[str], history: list[Token]
                 and pprev is not None and pprev.value in _AFTER_KEYWORD):
             return error("E0001", f"expected {_AFTER_KEYWORD[pprev.value]} after '{pprev.value}', "
                          f"found the keyword '{prev.value}'", _token_span(path, prev), None)
-        if tok.type == "NAME" and "COMMA" in expected and prev is not None and prev.type != "COMMA":
+        if tok.type == "NAME" and prev is not None and prev.type in ("INT", "FLOAT") and prev.end_line == tok.line:
+            unit = next((u for u in UNITS if u.lower() == tok.value.lower()), None)
+            if unit is not None:
+                glued = prev.end_column == tok.column
+                return error("E0001", f"'{tok.value}' is not a size unit" if glued else
+                             "a size is written without a space", _token_span(path, prev).to(span),
+                             f"write {prev.value}{unit}; units are {', '.join(UNITS)}")
+        if prev is not None and prev.value == "to" and "STRING" in expected:
+            return error("E0001", f"expected a path in double quotes after 'to', found {_describe_token(tok)}",
+                         span, 'write the folder as a string: "out/model"')
+        if (tok.type == "NAME" and "COMMA" in expected and prev is not None and prev.type != "COMMA"
+                and open_brackets):
             return error("E0001", f"expected ',' before '{tok.value}'", span,
                          "separate options and arguments with commas")
         if prev is not None and prev.type != "NAME" and prev.value in _AFTER_KEYWORD and "NAME" in expected:
@@ -294,7 +310,7 @@ def _convert(e: BaseException, path: str, lines: list[str], history: list[Token]
         if what is None:
             what = _describe_expected(expected)
         return error("E0001", f"expected {what}, found {_describe_token(tok)}", span,
-                     _syntax_hint(tok, expected))
+                     _syntax_hint(tok, expected, bool(open_brackets), lines))
     if isinstance(e, UnexpectedEOF):
         last = len(lines)
         return error("E0002", "unexpected end of file", Span(path, last, 1, last, 2),
@@ -302,7 +318,19 @@ def _convert(e: BaseException, path: str, lines: list[str], history: list[Token]
     raise e
 
 
-def _syntax_hint(tok: Token, expected: set[str]) -> str | None:
+_TEMPLATES = {
+    "train": "train MODEL on DATA (steps=..., ...)", "eval": "eval MODEL on DATA (metrics=[...])",
+    "adapt": "adapt SELECTOR with TECHNIQUE(...)", "share": "share SELECTOR as TECHNIQUE(...)",
+    "tie": "tie SELECTOR with SELECTOR", "prune": "prune SELECTOR with METHOD(...)",
+    "quantize": "quantize SELECTOR to SCHEME(...)", "export": 'export MODEL to "path" (format=...)',
+    "param": "param NAME = VALUE", "model": "model NAME = FAMILY(...)", "data": "data NAME = SOURCE(...)",
+    "budget": "budget(memory=4GiB)", "stage": "stage NAME:", "pipeline": "pipeline NAME",
+}
+
+
+def _syntax_hint(tok: Token, expected: set[str], in_brackets: bool, lines: list[str]) -> str | None:
+    if tok.type == "COLON" and in_brackets:
+        return "arguments are written name=value"
     if "LPAR" in expected and tok.type == "NAME":
         return "options are written in parentheses: (key=value, ...)"
     if tok.type == "_NL" and "RPAR" in expected:
@@ -313,8 +341,10 @@ def _syntax_hint(tok: Token, expected: set[str]) -> str | None:
         return "a stage header ends with ':'"
     if tok.type == "COLON" and "_NL" in expected:
         return "only 'stage NAME:' opens a block"
-    if tok.type == "NAME" and "_NL" in expected:
-        return "one statement per line; options go in parentheses: (key=value, ...)"
+    line = lines[tok.line - 1] if tok.line and tok.line <= len(lines) else ""
+    first = line.split()[0] if line.split() else ""
+    if first in _TEMPLATES and not in_brackets:
+        return f"the form is: {_TEMPLATES[first]}"
     return None
 
 
@@ -605,6 +635,12 @@ def parse(text: str, path: str = "<input>") -> ParseResult:
                                "indent with spaces; tabs are not allowed"))
             tab_lines.add(no)
             lines[no - 1] = lead.replace("\t", " ") + line[len(lead):]
+    first_code = next((no for no, line in enumerate(lines, 1) if _code(line).strip()), None)
+    if first_code is not None and _indent(lines[first_code - 1]) > 0 and first_code not in tab_lines:
+        width = _indent(lines[first_code - 1])
+        diags.append(error("E0005", "unexpected indentation", Span(path, first_code, 1, first_code, width + 1),
+                           "only the statements of a stage are indented; remove the leading spaces"))
+        _blank_block(lines, first_code, first_code, 0)
     touched: set[int] = set()
     tree = None
     parser = _parser()
@@ -626,8 +662,9 @@ def parse(text: str, path: str = "<input>") -> ParseResult:
     if deep is not None:
         m = deep.meta
         span = Span(path, m.line, m.column, m.end_line, m.end_column) if not m.empty else Span(path, 1, 1, 1, 2)
-        return ParseResult(None, (error("E0006", f"nesting is too deep (more than {MAX_DEPTH} levels)", span,
-                                        "split the expression using params"),), text)
+        return ParseResult(None, (error("E0006", "expression is nested too deeply", span,
+                                        f"effc accepts {MAX_DEPTH} levels of syntax tree (about half as many "
+                                        "brackets); split the expression using params"),), text)
     items = _ToAst(path, lines).transform(tree)
     span = Span(path, 1, 1, len(original) + 1, 1)
     return ParseResult(ast.Program(items, comments, path, span), (), text)

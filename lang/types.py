@@ -83,7 +83,7 @@ class PathT:
 @dataclass(frozen=True)
 class BoolT:
     def describe(self) -> str:
-        return "true | false"
+        return "boolean (true or false)"
 
 
 @dataclass(frozen=True)
