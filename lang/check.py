@@ -10,6 +10,7 @@ a crash inside it is reported as an internal error (E9001).
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from effc.lang import ast, registry as R
 from effc.lang.diagnostics import Diagnostic, Span, error, has_errors, sort_diagnostics, warning
-from effc.lang.parser import parse
+from effc.lang.parser import MAX_DIGITS, parse
 from effc.lang.tree import KINDS, ModelCatalog, Module, Selected, default_catalog, join, walk
 from effc.lang.types import (
     BoolT, Bytes, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, PathT, Registry, SizeT,
@@ -628,6 +629,15 @@ class _Checker:
         return self.arith(e.op, self.value(e.left), self.value(e.right), e)
 
     def arith(self, op: str, a: Any, b: Any, e: ast.Expr) -> Any:
+        result = self._arith(op, a, b, e)
+        n = result.n if isinstance(result, Bytes) else result
+        if isinstance(n, (int, float)) and not isinstance(n, bool) and not abs(n) < 10.0 ** MAX_DIGITS:
+            self.err("E0312", "the result of this arithmetic is too large or not a number", e.span,
+                     f"values are limited to {MAX_DIGITS} digits")
+            return BAD
+        return result
+
+    def _arith(self, op: str, a: Any, b: Any, e: ast.Expr) -> Any:
         for v in (a, b):
             if isinstance(v, Bare):
                 self.undefined(v.name, v.span)
@@ -639,10 +649,13 @@ class _Checker:
             # sizes add to sizes and scale by numbers
             if op in "+-" and isinstance(a, Bytes) and isinstance(b, Bytes):
                 return Bytes(a.n + b.n if op == "+" else a.n - b.n)
-            if op == "*" and (num(a) or num(b)):
-                return Bytes(int((a.n if isinstance(a, Bytes) else a) * (b.n if isinstance(b, Bytes) else b)))
-            if op == "/" and isinstance(a, Bytes) and num(b) and b:
-                return Bytes(int(a.n / b))
+            if op in "*/" and (num(a) or num(b)):
+                x, y = (a.n if isinstance(a, Bytes) else a), (b.n if isinstance(b, Bytes) else b)
+                if op == "/" and (isinstance(b, Bytes) or y == 0):
+                    self.err("E0312", "a size divides only by a non-zero number", e.span)
+                    return BAD
+                q = x * y if op == "*" else x / y
+                return Bytes(int(q)) if math.isfinite(q) and abs(q) < 10.0 ** MAX_DIGITS else q
         elif num(a) and num(b):
             if op == "/":
                 if b == 0:

@@ -17,6 +17,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0008": ("unclosed bracket", "A '(', '[' or '{' is never closed. Lines continue inside open brackets, so the error is noticed where the next statement starts."),
     "E0009": ("statement outside a stage", "train, eval, adapt, share, tie, prune and quantize run inside a 'stage NAME:' block. Only export may also appear at top level."),
     "E0010": ("unreadable file", "The file could not be read, or is not UTF-8 text."),
+    "E0012": ("number too large", "A number literal has more than 30 digits, or a float or size that is not finite."),
     "E0011": ("empty block", "A 'stage NAME:' header must be followed by at least one indented statement."),
     # names and references
     "E0101": ("undefined name", "A name is used that no param, model or data declaration defines (before this point)."),

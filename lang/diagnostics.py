@@ -110,7 +110,7 @@ def render(d: Diagnostic, source: str | None, colour: bool = False) -> str:
     c = (lambda code, s: f"{code}{s}{_RESET}") if colour else (lambda code, s: s)
     sev = c(_COLOURS[d.severity], f"{d.severity.value}[{d.code}]")
     out = [f"{c(_BOLD, str(d.span))}: {sev}: {c(_BOLD, d.message)}"]
-    lines = source.splitlines() if source is not None else []
+    lines = source.split("\n") if source is not None else []  # the parser's line breaks, exactly
     if 1 <= d.span.line <= len(lines):
         text = lines[d.span.line - 1].rstrip("\r").replace("\t", " ")
         num = str(d.span.line)

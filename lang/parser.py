@@ -9,6 +9,7 @@ run reports the syntax errors of many lines, not just the first.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -293,6 +294,9 @@ def _convert(e: BaseException, path: str, lines: list[str], history: list[Token]
             unit = next((u for u in UNITS if u.lower() == tok.value.lower()), None)
             if unit is not None:
                 glued = prev.end_column == tok.column
+                if glued and tok.value == unit:  # '1e3GiB': the number part has an exponent
+                    return error("E0001", "a size is digits and a unit", _token_span(path, prev).to(span),
+                                 "write it like 4GiB or 1.5GiB; exponents are not allowed in sizes")
                 return error("E0001", f"'{tok.value}' is not a size unit" if glued else
                              "a size is written without a space", _token_span(path, prev).to(span),
                              f"write {prev.value}{unit}; units are {', '.join(UNITS)}")
@@ -363,19 +367,41 @@ def _tree_depth_violation(tree: Tree) -> Tree | None:
     return None
 
 
+MAX_DIGITS = 30  # integers beyond 10**30 mean nothing in a pipeline and slow everything down
+
+
+def _number_out_of_range(tree: Tree, path: str) -> Diagnostic | None:
+    """A number literal that would not convert to a finite value (E0012)."""
+    for tok in tree.scan_values(lambda t: isinstance(t, Token) and t.type in ("INT", "FLOAT", "SIZE")):
+        digits = re.match(r"[0-9.]*", tok.value).group(0)
+        mantissa = digits if tok.type != "FLOAT" else tok.value
+        too_big = len(digits.split(".")[0]) > MAX_DIGITS
+        if not too_big and tok.type != "INT":
+            scale = UNITS[tok.value[len(digits):]] if tok.type == "SIZE" else 1
+            too_big = not math.isfinite(float(mantissa) * scale)
+        if too_big:
+            span = Span(path, tok.line, tok.column, tok.end_line, tok.end_column)
+            return error("E0012", "number is too large", span,
+                         f"numbers are limited to {MAX_DIGITS} digits and to finite floating-point values")
+    return None
+
+
 class _ToAst(Transformer):
     def __init__(self, path: str, lines: list[str]):
         super().__init__()
         self.path = path
         self.lines = lines
+        self.codes = [_code(line) for line in lines]  # once per line: _span runs per node
 
     def _span(self, meta) -> Span:
         """The rule's span, its end pulled back over the newline, blank lines and
         comments that Lark counts as part of a statement."""
         line, col = meta.end_line, meta.end_column
+        code = self.codes[line - 1] if line <= len(self.codes) else ""
+        if 2 <= col <= len(code) + 1 and not code[col - 2].isspace():
+            return Span(self.path, meta.line, meta.column, line, col)  # the usual case: ends on code
         while line > meta.line or (line == meta.line and col > meta.column):
-            text = self.lines[line - 1] if line <= len(self.lines) else ""
-            code = _code(text)[: col - 1].rstrip()
+            code = (self.codes[line - 1] if line <= len(self.codes) else "")[: col - 1].rstrip()
             if code:
                 col = len(code) + 1
                 break
@@ -665,6 +691,9 @@ def parse(text: str, path: str = "<input>") -> ParseResult:
         return ParseResult(None, (error("E0006", "expression is nested too deeply", span,
                                         f"effc accepts {MAX_DEPTH} levels of syntax tree (about half as many "
                                         "brackets); split the expression using params"),), text)
+    huge = _number_out_of_range(tree, path)
+    if huge is not None:
+        return ParseResult(None, (huge,), text)
     items = _ToAst(path, lines).transform(tree)
     span = Span(path, 1, 1, len(original) + 1, 1)
     return ParseResult(ast.Program(items, comments, path, span), (), text)
