@@ -5,7 +5,6 @@ matter (lines and columns are 1-based, the end column is exclusive)."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -768,17 +767,3 @@ def test_indented_first_line_is_an_error_like_any_indented_top_level_line():
         assert [d.code for d in r.diagnostics] == ["E0005"], src
     (d,) = parse("  param x = 1\n").diagnostics
     assert d.span.key()[1:] == (1, 1, 1, 3)
-
-
-def test_a_long_single_line_parses_as_fast_as_the_same_text_on_many_lines():
-    n = 3000
-
-    def timed(src: str) -> float:
-        t = time.perf_counter()
-        p = prog(src)
-        assert len(p.items[0].value.items) == n
-        return time.perf_counter() - t
-
-    many_lines = min(timed("param x = [\n" + "1,\n" * n + "]\n") for _ in range(2))
-    one_line = timed("param x = [" + "1, " * n + "]\n")  # the same tokens; quadratic makes it ~15x slower
-    assert one_line < 4 * many_lines + 0.05, f"one line: {one_line:.2f}s, {n} lines: {many_lines:.2f}s"
