@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Span:
     """A range of source text. Lines and columns are 1-based; `end_col` is exclusive.
 

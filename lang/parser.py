@@ -429,11 +429,12 @@ class _ToAst(Transformer):
         m = re.fullmatch(r"([0-9.]+)([A-Za-z]+)", str(c[0]))
         return ast.Size(int(round(float(m.group(1)) * UNITS[m.group(2)])), str(c[0]), self._span(meta))
 
-    @v_args(meta=True)
-    def string(self, meta, c):
-        raw = str(c[0])[1:-1]
-        value = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), raw)
-        return ast.Str(value, self._span(meta))
+    def _string(self, tok: Token) -> ast.Str:
+        value = re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t"}.get(m.group(1), m.group(1)), str(tok)[1:-1])
+        return ast.Str(value, self._tok(tok))
+
+    def string(self, c):
+        return self._string(c[0])
 
     @v_args(meta=True)
     def true(self, meta, c):
@@ -560,9 +561,7 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def export_stmt(self, meta, c):
-        tok = c[1]
-        path = self.string(tok_meta(tok), [tok])
-        return ast.Export(c[0], path, c[2] or (), self._span(meta))
+        return ast.Export(c[0], self._string(c[1]), c[2] or (), self._span(meta))
 
     # declarations
     @v_args(meta=True)
@@ -591,18 +590,6 @@ class _ToAst(Transformer):
 
     def start(self, c):
         return tuple(c)
-
-
-@dataclass
-class _Meta:
-    line: int
-    column: int
-    end_line: int
-    end_column: int
-
-
-def tok_meta(tok: Token) -> _Meta:
-    return _Meta(tok.line, tok.column, tok.end_line, tok.end_column)
 
 
 # ---------------------------------------------------------------- recovery

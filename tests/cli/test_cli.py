@@ -2,6 +2,7 @@
 process; a few run the installed console script to prove no traceback reaches a user."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,15 @@ def test_console_script_never_shows_a_traceback(tmp_path):
 def test_version():
     r = _effc("--version")
     assert r.returncode == 0 and r.stdout.startswith("effc ")
+
+
+def test_colour_only_when_asked_for_a_terminal(tmp_path):
+    from effc.lang.check import check_file
+    from effc.lang.diagnostics import render_all
+
+    path = write(tmp_path, BAD)
+    result = check_file(path)
+    plain = render_all(result.diagnostics, {path: result.source})
+    coloured = render_all(result.diagnostics, {path: result.source}, colour=True)
+    assert "\x1b[" not in plain and "\x1b[1;31merror[E0310]" in coloured
+    assert re.sub(r"\x1b\[[0-9;]*m", "", coloured) == plain  # colour adds nothing but escapes
