@@ -70,6 +70,7 @@ class AdapterUse:
     scope: str  # adapters of one kind compose only across scopes (shared vs per-loop)
     paths: frozenset[str]
     span: Span
+    args: dict = field(default_factory=dict)  # the technique's checked arguments, defaults filled
 
 
 @dataclass
@@ -359,7 +360,7 @@ class _Checker:
                          f"the first is at line {prior.span.line}; two adapters of one kind and scope on a "
                          "weight are ambiguous (a per-loop adapter may sit beside a shared one)")
                 return
-        model.adapters.append(AdapterUse(checked.name, scope, paths, stmt.span))
+        model.adapters.append(AdapterUse(checked.name, scope, paths, stmt.span, checked.args))
 
     # ------------------------------------------------------------ references
 
