@@ -595,6 +595,10 @@ class _Checker:
         if not ok:
             return None
         full = {p.name: given.get(p.name, p.default) for p in entry.params}
+        for p in entry.params:  # defaults that name another parameter: kv_heads=heads, alpha=rank
+            if full[p.name] is None and p.default_doc in full and full[p.default_doc] is not None:
+                v = full[p.default_doc]
+                full[p.name] = float(v) if isinstance(p.type, FloatT) else v
         for prob in (entry.constraints(full) if entry.constraints else []):
             self.err("E0309", prob.message, spans.get(prob.arg, span), prob.hint)
             ok = False

@@ -25,7 +25,9 @@ def test_resolved_model_arguments_and_defaults():
     r = run("stage s:\n    train tiny on corpus (steps=1)\n")
     assert r.ok, codes(r)
     args = r.models["tiny"].args
-    assert args["kv_heads"] == 2 and args["tied"] is False and args["rope_theta"] == 10000.0
+    assert args["kv_heads"] == 2
+    no_gqa = check_source(HEAD.replace(", kv_heads=2", ""))
+    assert no_gqa.models["tiny"].args["kv_heads"] == 4  # defaults to heads and args["tied"] is False and args["rope_theta"] == 10000.0
     assert r.data["corpus"].source == "markov" and r.data["corpus"].args == {"seq": 64, "seed": 0}
 
 
@@ -44,7 +46,7 @@ def test_adapter_targets_expand_containers_to_linear_layers():
     assert r.ok, codes(r)
     (use,) = r.models["tiny"].adapters
     assert use.paths == {f"layers[2].attn.{n}" for n in "qkvo"}
-    assert use.args == {"rank": 8, "alpha": None, "dropout": 0.0, "init": "kaiming", "per_loop": False}
+    assert use.args == {"rank": 8, "alpha": 8.0, "dropout": 0.0, "init": "kaiming", "per_loop": False}
 
 
 def test_any_depth_and_kind_filter_select_every_linear():
