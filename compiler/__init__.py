@@ -1,1 +1,1 @@
-"""effc.compiler: arrives with a later issue; the package exists so the layout and imports are fixed."""
+"""effc.compiler: the IR (networkx), its passes, the cost estimate; fx lowering to come."""

@@ -1,0 +1,176 @@
+"""Cost: parameters, bytes and FLOPs of a training step, read from the IR alone.
+
+Nothing is allocated: every number comes from param records and symbolic shapes, so a
+70B-parameter declaration costs as fast as a tiny one.
+
+Parameters: a tied param (`tied_to`) is storage shared with another and counted once.
+
+Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
+- weights: every stored param; gradients: trainable params only;
+- optimizer: AdamW keeps two fp32 moments per trainable element;
+- activations saved for backward, per token. Only nodes whose output requires a gradient
+  (a trainable param at or upstream of them, as autograd decides) save anything, and a
+  tensor saved by several consumers (the norm output read by q, k, v) is counted once:
+  - EMBEDDING: the token ids (int64) when its weight is trainable;
+  - RMSNORM: its input x (dim) and the reciprocal rms (1 element);
+  - LINEAR: its input (in_features) when its weight is trainable (the input gradient
+    needs only W);
+  - LORA: its input (in_features; with dropout, the dropped copy plus a 1-byte mask) and
+    the rank-r intermediate A x, both needed for the A and B gradients;
+  - ROTARY: nothing (backward rotates by -theta using the constant tables);
+  - ATTENTION_CORE: q, k, v, its output and a logsumexp per head, as a fused
+    (flash-style) kernel does: no T x T matrix is kept;
+  - SWIGLU: gate and up (ffn each); RESIDUAL_ADD: nothing;
+  - LOSS: nothing beyond the transient below.
+- transient: the largest output tensor plus its gradient, alive together in backward
+  (for a decoder, the logits: 2 * B*T*vocab*4 bytes);
+- peak = weights + gradients + optimizer + activations + transient.
+
+FLOPs per token, with N = elements of the weights of matmul ops (LINEAR and LORA; a tied
+head's matrix counts, since it is multiplied even though it is stored once) and the
+PaLM convention for attention (Chowdhery et al. 2022, appendix B; no causal halving):
+- forward = 2 N + 4 T d_attn per layer, d_attn = heads * head_dim (QK^T and PV);
+- backward: for each matmul whose input requires a gradient, 2 * weight elements (the
+  input gradient), plus 2 * weight elements for each trainable weight (the weight
+  gradient); each attention core that requires a gradient costs 8 T d_attn. With
+  everything trainable this is 2x forward; with a frozen base, the layers before the first
+  adapter cost nothing and the frozen matmuls cost only their input gradients;
+- a training step = forward + backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from effc.compiler.ir import IR, MATMULS, Node, Op, ParamRecord
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_STATES = {"adamw": 2}  # fp32 moments per trainable element
+ID_BYTES = 8  # int64 token ids
+MASK_BYTES = 1
+
+
+@dataclass(frozen=True)
+class Cost:
+    batch: int
+    seq: int
+    params_total: int
+    params_trainable: int
+    params_by_role: tuple[tuple[str, int], ...]
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    transient_bytes: int
+    peak_bytes: int
+    flops_forward_per_token: int
+    flops_train_per_token: int
+
+
+def _width(n: Node) -> int:
+    """Elements per token of a node's output (0 for a scalar)."""
+    return n.shape[-1] if n.shape else 0
+
+
+def _stored(ir: IR) -> list[ParamRecord]:
+    return [p for p in ir.params() if p.tied_to is None]
+
+
+def _requires_grad(ir: IR) -> dict[str, bool]:
+    rg: dict[str, bool] = {}
+    for n in ir.nodes():
+        rg[n.id] = any(p.trainable for p in n.params) or any(rg[s] for s in ir.inputs(n.id))
+    return rg
+
+
+def _saved_bytes_per_token(ir: IR, rg: dict[str, bool]) -> int:
+    """Bytes per token saved for backward; see the module docstring for each op."""
+    shared: set[str] = set()  # ids whose output tensor is saved (counted once)
+    extra = 0  # bytes of tensors private to one node
+    for n in ir.nodes():
+        if not rg[n.id]:
+            continue
+        ins = ir.inputs(n.id)
+        trainable = any(p.trainable for p in n.params)
+        if n.op is Op.EMBEDDING and trainable:
+            extra += ID_BYTES
+        elif n.op is Op.RMSNORM:
+            shared.add(ins[0])
+            extra += 4
+        elif n.op is Op.LINEAR and trainable:
+            shared.add(ins[0])
+        elif n.op is Op.LORA:
+            a = n.attrs
+            x = ir.node(ins[0])
+            if a.dropout:
+                extra += _width(x) * (4 + MASK_BYTES)
+            else:
+                shared.add(x.id)
+            extra += a.rank * 4
+        elif n.op is Op.ATTENTION_CORE:
+            shared.update(ins)
+            shared.add(n.id)
+            extra += n.attrs.heads * 4
+        elif n.op is Op.SWIGLU:
+            shared.update(ins)
+    return extra + sum(_width(ir.node(i)) * 4 for i in shared)
+
+
+def _matmul_elems(n: Node) -> int:
+    return sum(p.numel for p in n.params)
+
+
+def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
+    fwd = bwd = 0
+    for n in ir.nodes():
+        if n.op in MATMULS:
+            w = _matmul_elems(n)
+            fwd += 2 * w
+            bwd += 2 * w * rg[ir.inputs(n.id)[0]]  # the input gradient
+            bwd += 2 * sum(p.numel for p in n.params if p.trainable)  # the weight gradient
+        elif n.op is Op.ATTENTION_CORE:
+            d = n.attrs.heads * n.attrs.head_dim
+            fwd += 4 * seq * d
+            bwd += 8 * seq * d * rg[n.id]
+    return fwd, fwd + bwd
+
+
+def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
+    stored = _stored(ir)
+    trainable = [p for p in stored if p.trainable]
+    roles: dict[str, int] = {}
+    for p in stored:
+        roles[p.role] = roles.get(p.role, 0) + p.numel
+    weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in stored)
+    grads = sum(p.numel * DTYPE_BYTES[p.dtype] for p in trainable)
+    opt = sum(p.numel for p in trainable) * 4 * OPTIMIZER_STATES[optimizer]
+    rg = _requires_grad(ir)
+    tokens = batch * seq
+    acts = tokens * _saved_bytes_per_token(ir, rg)
+    transient = 2 * tokens * 4 * max(_width(n) for n in ir.nodes())
+    fwd, train = _flops(ir, rg, seq)
+    return Cost(batch, seq, sum(p.numel for p in stored), sum(p.numel for p in trainable),
+                tuple(sorted(roles.items())), weights, grads, opt, acts, transient,
+                weights + grads + opt + acts + transient, fwd, train)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def format_cost(c: Cost) -> str:
+    rows = [("params total", f"{c.params_total:,}"), ("params trainable", f"{c.params_trainable:,}")]
+    rows += [(f"  {role}", f"{n:,}") for role, n in c.params_by_role]
+    rows += [(f"bytes {k} (batch={c.batch}, seq={c.seq})" if k == "activations" else f"bytes {k}", _size(v))
+             for k, v in (("weights", c.weight_bytes), ("gradients", c.grad_bytes),
+                          ("optimizer", c.optimizer_bytes), ("activations", c.activation_bytes),
+                          ("transient", c.transient_bytes), ("peak", c.peak_bytes))]
+    rows += [("FLOPs/token forward", f"{c.flops_forward_per_token:,}"),
+             ("FLOPs/token train step", f"{c.flops_train_per_token:,}")]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v:>18}" for k, v in rows) + "\n"

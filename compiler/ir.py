@@ -1,0 +1,282 @@
+"""The IR: a data-flow graph of typed ops with parameter records and symbolic shapes.
+
+A `networkx.DiGraph` behind a small API. Nodes are keyed by id (the canonical module path
+for parametric nodes, e.g. `layers[0].attn.q`) and carry a frozen `Node` under the `node`
+attribute; an edge `a -> b` with attribute `port` says that `a`'s output is input number
+`port` of `b`. Activation shapes are symbolic in batch `B` and sequence `T`:
+`("B", "T", 256)`. Every helper returns a new IR; no function here mutates an input.
+
+Adapters are nodes too: a LORA node reads the same input as its target LINEAR (port 0)
+and feeds the LINEAR at port 1, 2, ... in declaration order; a LINEAR computes
+`x @ W.T + sum(adapter inputs)`, which is how adapters on one weight compose additively.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Iterable, Union
+
+import networkx as nx
+
+from effc.lang.diagnostics import Span
+
+
+class Op(enum.Enum):
+    EMBEDDING = "embedding"
+    RMSNORM = "rmsnorm"
+    LINEAR = "linear"
+    ROTARY = "rotary"
+    ATTENTION_CORE = "attention_core"
+    SWIGLU = "swiglu"
+    RESIDUAL_ADD = "residual_add"
+    LORA = "lora"
+    LOSS = "loss"
+
+
+PARAMETRIC = frozenset({Op.EMBEDDING, Op.RMSNORM, Op.LINEAR, Op.LORA})
+ADAPTERS = frozenset({Op.LORA})
+MATMULS = frozenset({Op.LINEAR, Op.LORA})  # the ops whose FLOPs are 2 * weight elements per token
+
+ROLES = ("embedding", "attention", "mlp", "norm", "head", "adapter")
+BATCH, SEQ = "B", "T"
+Dim = Union[int, str]
+
+
+class IRError(Exception):
+    """A broken IR invariant: always a compiler bug, never the user's mistake."""
+
+
+@dataclass(frozen=True)
+class ParamRecord:
+    """One weight tensor. `tied_to` names the param whose storage this one reuses (a tied
+    head reads the embedding's weight): it is counted once and must have the same shape."""
+
+    path: str
+    shape: tuple[int, ...]
+    role: str
+    dtype: str = "float32"
+    trainable: bool = True
+    storage: str = "dense"
+    tied_to: str | None = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+# ---------------------------------------------------------------- attribute records, one per op
+
+
+@dataclass(frozen=True)
+class EmbeddingAttrs:
+    vocab: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class NormAttrs:
+    dim: int
+    eps: float
+
+
+@dataclass(frozen=True)
+class LinearAttrs:
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class RotaryAttrs:
+    heads: int  # heads of the rotated tensor (query heads for q, key/value heads for k)
+    head_dim: int
+    theta: float
+
+
+@dataclass(frozen=True)
+class AttentionAttrs:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class SwigluAttrs:
+    dim: int
+
+
+@dataclass(frozen=True)
+class ResidualAttrs:
+    dim: int
+
+
+@dataclass(frozen=True)
+class LoraAttrs:
+    rank: int
+    alpha: float
+    dropout: float
+    target: str  # id of the LINEAR node the update is added to
+
+
+@dataclass(frozen=True)
+class LossAttrs:
+    vocab: int
+
+
+ATTRS = {
+    Op.EMBEDDING: EmbeddingAttrs, Op.RMSNORM: NormAttrs, Op.LINEAR: LinearAttrs,
+    Op.ROTARY: RotaryAttrs, Op.ATTENTION_CORE: AttentionAttrs, Op.SWIGLU: SwigluAttrs,
+    Op.RESIDUAL_ADD: ResidualAttrs, Op.LORA: LoraAttrs, Op.LOSS: LossAttrs,
+}
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    op: Op
+    attrs: object
+    params: tuple[ParamRecord, ...]
+    span: Span | None
+    shape: tuple[Dim, ...]  # the output activation, symbolic in B and T
+
+
+# ---------------------------------------------------------------- the graph
+
+
+class IR:
+    """A read-only view of a data-flow graph. Build one with `IR.build`."""
+
+    def __init__(self, graph: nx.DiGraph):
+        self._g = graph
+
+    @staticmethod
+    def build(nodes: Iterable[Node], edges: Iterable[tuple[str, str, int]]) -> "IR":
+        """Nodes in the order they should appear among independent ones (the order
+        `nodes()` breaks ties with), and edges (src, dst, port)."""
+        g = nx.DiGraph()
+        for n in nodes:
+            g.add_node(n.id, node=n)
+        for src, dst, port in edges:
+            for end in (src, dst):
+                if end not in g:
+                    raise IRError(f"edge {src} -> {dst} names an unknown node '{end}'")
+            g.add_edge(src, dst, port=port)
+        return IR(g)
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """A copy, so that callers (verify, drawing) can never change this IR."""
+        return self._g.copy()
+
+    def nodes(self) -> list[Node]:
+        """Topological order; ties go to the earlier-built node, so the order is stable."""
+        rank = {n: i for i, n in enumerate(self._g.nodes)}
+        order = nx.lexicographical_topological_sort(self._g, key=rank.__getitem__)
+        return [self._g.nodes[n]["node"] for n in order]
+
+    def node(self, id: str) -> Node:
+        if id not in self._g:
+            raise KeyError(f"no node '{id}' in the IR")
+        return self._g.nodes[id]["node"]
+
+    def __contains__(self, id: str) -> bool:
+        return id in self._g
+
+    def inputs(self, id: str) -> list[str]:
+        """Producer ids in port order."""
+        return [s for s, _ in sorted(self._g.in_edges(id), key=lambda e: self._g.edges[e]["port"])]
+
+    def outputs(self, id: str) -> list[str]:
+        return sorted(self._g.successors(id))
+
+    def edges(self) -> list[tuple[str, str, int]]:
+        return [(s, d, p) for s, d, p in self._g.edges(data="port")]
+
+    def params(self) -> list[ParamRecord]:
+        """Every record in node order, tied aliases included (cost counts them once)."""
+        return [p for n in self.nodes() for p in n.params]
+
+    def with_nodes(self, updated: Iterable[Node]) -> "IR":
+        """A new IR with the given nodes replacing those of the same id; edges kept."""
+        new = {n.id: n for n in updated}
+        unknown = set(new) - set(self._g.nodes)
+        if unknown:
+            raise IRError(f"with_nodes: unknown node ids {sorted(unknown)}")
+        g = self._g.copy()
+        for id, n in new.items():
+            g.nodes[id]["node"] = n
+        return IR(g)
+
+    def map_params(self, fn) -> tuple["IR", int]:
+        """A new IR with `fn` applied to every param record; also how many changed."""
+        changed, updated = 0, []
+        for n in self.nodes():
+            params = tuple(fn(p) for p in n.params)
+            changed += sum(a != b for a, b in zip(params, n.params))
+            updated.append(replace(n, params=params))
+        return self.with_nodes(updated), changed
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, IR) and self.nodes() == other.nodes()
+                and sorted(self.edges()) == sorted(other.edges()))
+
+    # ------------------------------------------------------------ serialisation
+
+    def to_json(self) -> str:
+        # Topological order: rebuilding in that order gives back the same `nodes()` order.
+        nodes = [_node_to_dict(n) for n in self.nodes()]
+        return json.dumps({"nodes": nodes, "edges": [list(e) for e in self.edges()]}, indent=1)
+
+    @staticmethod
+    def from_json(text: str) -> "IR":
+        data = json.loads(text)
+        return IR.build([_node_from_dict(d) for d in data["nodes"]],
+                        [tuple(e) for e in data["edges"]])
+
+
+def _node_to_dict(n: Node) -> dict:
+    return {
+        "id": n.id, "op": n.op.value, "attrs": asdict(n.attrs),
+        "params": [asdict(p) for p in n.params],
+        "span": list(n.span.key()) if n.span else None,
+        "shape": list(n.shape),
+    }
+
+
+def _node_from_dict(d: dict) -> Node:
+    op = Op(d["op"])
+    params = tuple(ParamRecord(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
+    return Node(d["id"], op, ATTRS[op](**d["attrs"]), params,
+                Span(*d["span"]) if d["span"] else None, tuple(d["shape"]))
+
+
+# ---------------------------------------------------------------- text dump
+
+
+def _fmt_attrs(attrs: object) -> str:
+    return " ".join(f"{f.name}={getattr(attrs, f.name)}" for f in fields(attrs))
+
+
+def _fmt_shape(shape: tuple) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _fmt_param(p: ParamRecord) -> str:
+    flag = "trainable" if p.trainable else "frozen"
+    tied = f" tied_to={p.tied_to}" if p.tied_to else ""
+    return f"    {p.path} {_fmt_shape(p.shape)} {p.dtype} {p.storage} {flag} role={p.role}{tied}"
+
+
+def dump(ir: IR) -> str:
+    """One line per node (`id = op(inputs) attrs -> shape`) and one indented line per
+    param, in topological order: the text that golden before/after tests compare."""
+    lines = []
+    for n in ir.nodes():
+        args = ", ".join(ir.inputs(n.id))
+        lines.append(f"{n.id} = {n.op.value}({args}) {_fmt_attrs(n.attrs)} -> {_fmt_shape(n.shape)}")
+        lines.extend(_fmt_param(p) for p in n.params)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,23 @@
+"""assign_roles: set every param's trainable flag from what the IR holds.
+
+The policy of this issue: a model without adapters trains everything; a model with
+adapters trains only them (LoRA's frozen base, Hu et al. 2021). The pass is idempotent,
+so running it after `apply_lora` rewrites nothing; a rewrite is one flag changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from effc.compiler.ir import ADAPTERS, IR
+from effc.compiler.passes import PassContext, register
+
+
+def set_trainable(ir: IR) -> tuple[IR, int]:
+    adapted = any(n.op in ADAPTERS for n in ir.nodes())
+    return ir.map_params(lambda p: replace(p, trainable=not adapted or p.role == "adapter"))
+
+
+@register("assign_roles", after=("apply_lora",))
+def assign_roles(ir: IR, ctx: PassContext) -> tuple[IR, int]:
+    return set_trainable(ir)

@@ -1,0 +1,125 @@
+"""The IR's invariants, stated once and checked after every pass in tests.
+
+`verify(ir)` raises `IRError` naming the node and the broken rule:
+- the graph is acyclic and every node's attrs record is the one its op declares;
+- every input's feature width (last dim) is what the op expects at that port, and the
+  node's own output width is what its attrs say (so consecutive shapes agree);
+- param shapes agree with attrs (a linear weight is (out, in), LoRA A (rank, in) and
+  B (out, rank)), and roles are known;
+- a LORA node reads its target LINEAR's input and feeds that LINEAR, with matching widths;
+- param paths are unique; a tied param names an existing untied param of the same shape;
+- there is at least one LOSS.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from effc.compiler.ir import ATTRS, IR, ROLES, IRError, Node, Op
+
+
+def verify(ir: IR) -> None:
+    g = ir.graph
+    if not nx.is_directed_acyclic_graph(g):
+        raise IRError(f"the IR has a cycle: {nx.find_cycle(g)}")
+    nodes = ir.nodes()
+    for n in nodes:
+        _check_node(ir, n)
+    _check_params(nodes)
+    if not any(n.op is Op.LOSS for n in nodes):
+        raise IRError("the IR has no LOSS node: nothing to train or evaluate")
+
+
+def _fail(n: Node, msg: str) -> None:
+    raise IRError(f"node '{n.id}' ({n.op.value}): {msg}")
+
+
+def _widths(n: Node) -> tuple[list[int], int | None, list[tuple[int, ...]]]:
+    """What the op expects: input widths by port, its output width (None: a scalar),
+    and its param shapes in order."""
+    a = n.attrs
+    if n.op is Op.EMBEDDING:
+        return [], a.dim, [(a.vocab, a.dim)]
+    if n.op is Op.RMSNORM:
+        return [a.dim], a.dim, [(a.dim,)]
+    if n.op is Op.LINEAR:
+        return [a.in_features], a.out_features, [(a.out_features, a.in_features)]
+    if n.op is Op.ROTARY:
+        return [a.heads * a.head_dim], a.heads * a.head_dim, []
+    if n.op is Op.ATTENTION_CORE:
+        q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        return [q, kv, kv], q, []
+    if n.op in (Op.SWIGLU, Op.RESIDUAL_ADD):
+        return [a.dim, a.dim], a.dim, []
+    if n.op is Op.LORA:
+        return [], None, []  # checked against its target in _check_lora
+    return [a.vocab], None, []  # LOSS
+
+
+def _check_node(ir: IR, n: Node) -> None:
+    if not isinstance(n.attrs, ATTRS[n.op]):
+        _fail(n, f"attrs are {type(n.attrs).__name__}, expected {ATTRS[n.op].__name__}")
+    if n.op is Op.LORA:
+        return _check_lora(ir, n)
+    ins, out, shapes = _widths(n)
+    # A LINEAR's ports after 0 are its adapters' updates, each of the output width.
+    extra = [out] * (len(ir.inputs(n.id)) - len(ins)) if n.op is Op.LINEAR else []
+    _check_inputs(ir, n, ins + extra)
+    _check_output(n, out)
+    got = [p.shape for p in n.params]
+    if got != shapes:
+        _fail(n, f"param shapes {got} do not match the attrs, which need {shapes}")
+
+
+def _check_inputs(ir: IR, n: Node, widths: list[int]) -> None:
+    srcs = ir.inputs(n.id)
+    if len(srcs) != len(widths):
+        _fail(n, f"has {len(srcs)} inputs, expected {len(widths)}")
+    for port, (src, w) in enumerate(zip(srcs, widths)):
+        shape = ir.node(src).shape
+        if not shape or shape[-1] != w:
+            _fail(n, f"input {port} from '{src}' has shape {shape}, expected width {w}")
+
+
+def _check_output(n: Node, width: int | None) -> None:
+    want = () if width is None else ("B", "T", width)
+    if n.shape != want:
+        _fail(n, f"output shape {n.shape}, expected {want}")
+
+
+def _check_lora(ir: IR, n: Node) -> None:
+    a = n.attrs
+    target = ir.node(a.target) if a.target in ir else None
+    if target is None or target.op is not Op.LINEAR:
+        _fail(n, f"its target '{a.target}' is not a LINEAR node")
+    t = target.attrs
+    if ir.outputs(n.id) != [target.id]:
+        _fail(n, f"must feed exactly its target '{target.id}', feeds {ir.outputs(n.id)}")
+    if ir.inputs(n.id) != ir.inputs(target.id)[:1]:
+        _fail(n, f"must read the same input as '{target.id}'")
+    _check_output(n, t.out_features)
+    got = [p.shape for p in n.params]
+    want = [(a.rank, t.in_features), (t.out_features, a.rank)]
+    if got != want:
+        _fail(n, f"param shapes {got}, expected A {want[0]} and B {want[1]}")
+
+
+def _check_params(nodes: list[Node]) -> None:
+    by_path = {}
+    for n in nodes:
+        for p in n.params:
+            if p.path in by_path:
+                _fail(n, f"param path '{p.path}' is also used by '{by_path[p.path][0].id}'")
+            if p.role not in ROLES:
+                _fail(n, f"param '{p.path}' has unknown role '{p.role}'")
+            by_path[p.path] = (n, p)
+    for n, p in by_path.values():
+        if p.tied_to is None:
+            continue
+        owner = by_path.get(p.tied_to)
+        if owner is None or owner[1].tied_to is not None:
+            _fail(n, f"param '{p.path}' is tied to '{p.tied_to}', which is not an untied param")
+        if owner[1].shape != p.shape:
+            _fail(n, f"param '{p.path}' {p.shape} is tied to '{p.tied_to}' of shape {owner[1].shape}")
+        if owner[1].trainable != p.trainable:
+            _fail(n, f"param '{p.path}' and '{p.tied_to}' share storage but disagree on trainable")
