@@ -28,7 +28,8 @@ def _pip_install(bin_dir: Path, *args: str) -> None:
 
 
 def _where(bin_dir: Path, cwd: Path) -> dict:
-    code = ("import effc, effc.lang, effc.cli, effc.compiler, effc.runtime, effc.kernels, json, os;"
+    code = ("import effc, effc.lang, effc.cli, effc.compiler, effc.compiler.passes, effc.runtime, effc.kernels,"
+            " json, os;"
             "from importlib import resources;"
             "print(json.dumps({'lang': os.path.realpath(effc.lang.__file__),"
             " 'grammar': resources.files('effc.lang').joinpath('grammar.lark').is_file()}))")
@@ -37,6 +38,20 @@ def _where(bin_dir: Path, cwd: Path) -> dict:
     import json
 
     return json.loads(r.stdout)
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """setuptools installs only the packages pyproject names: a new subpackage folder
+    that is not listed would work in the checkout and be missing from a real install."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"effc"}
+    for top in ("lang", "compiler", "runtime", "kernels"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT).parts
+            found.add(".".join(("effc",) + rel))
+    assert found == listed
 
 
 @pytest.fixture
