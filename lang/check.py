@@ -92,6 +92,26 @@ class DataInfo:
 
 
 @dataclass
+class Step:
+    """A checked `train`, `eval` or `export` statement, as the compiler and runtime read it.
+    `model` and `data` are references (`Ref`); `options` has every default filled in."""
+
+    kind: str
+    model: Ref
+    options: dict
+    span: Span
+    data: Ref | None = None
+    path: str | None = None  # export: the folder, as written (relative to the .eff file)
+
+
+@dataclass
+class StageInfo:
+    name: str
+    steps: list[Step]
+    span: Span
+
+
+@dataclass
 class CheckResult:
     """What the compiler needs from the front end: the program and everything resolved."""
 
@@ -102,6 +122,8 @@ class CheckResult:
     models: dict[str, ModelInfo] = field(default_factory=dict)
     data: dict[str, DataInfo] = field(default_factory=dict)
     budget: dict | None = None
+    stages: list[StageInfo] = field(default_factory=list)
+    exports: list[Step] = field(default_factory=list)  # top-level exports, after every stage
 
     @property
     def ok(self) -> bool:
@@ -168,6 +190,8 @@ class _Checker:
         self.stages: dict[str, ast.Stage] = {}
         self.done: dict[str, set[str]] = {}  # finished stage -> models that existed then
         self.budget: dict | None = None
+        self.stage_infos: list[StageInfo] = []
+        self.exports: list[Step] = []
         self.choices = R.enum_choices()
 
     def err(self, code: str, message: str, span: Span, hint: str | None = None) -> None:
@@ -198,11 +222,13 @@ class _Checker:
             elif isinstance(item, ast.DataDecl):
                 self.data_decl(item)
             elif isinstance(item, ast.Stage):
-                for stmt in item.body:
-                    self.statement(stmt, item)
+                steps = [step for stmt in item.body if (step := self.statement(stmt)) is not None]
+                self.stage_infos.append(StageInfo(item.name.name, steps, item.span))
                 self.done[item.name.name] = set(self.models)
             elif isinstance(item, ast.Export):
-                self.statement(item, None)
+                step = self.statement(item)
+                if step is not None:
+                    self.exports.append(step)
         self.unused()
 
     def collect(self) -> None:
@@ -289,7 +315,8 @@ class _Checker:
 
     # ------------------------------------------------------------ statements
 
-    def statement(self, stmt: ast.Stmt, stage: ast.Stage | None) -> None:
+    def statement(self, stmt: ast.Stmt) -> Step | None:
+        """Check one statement; a train, eval or export without errors is returned as a Step."""
         if isinstance(stmt, (ast.Train, ast.Eval)):
             verb = "train" if isinstance(stmt, ast.Train) else "eval"
             model = self.model_ref(stmt.model, live=verb == "train")
@@ -304,11 +331,18 @@ class _Checker:
                 if "similarity" in (opts.get("metrics") or []) and opts.get("against") is None:
                     self.err("E0403", "metrics=[similarity] compares two models, but no against= is given",
                              stmt.span, "add against=MODEL or against=model@stage")
+                    return None
+            if model and data and opts is not None:
+                return Step(verb, _ref(stmt.model), opts, stmt.span,
+                            Ref("data", data.name, split=stmt.data.split.name if stmt.data.split else None))
         elif isinstance(stmt, ast.Export):
-            self.model_ref(stmt.model, live=False)
+            model = self.model_ref(stmt.model, live=False)
             if not stmt.path.value.strip():
                 self.err("E0305", "export path is empty", stmt.path.span, 'write a folder such as "out/model"')
-            self.options(stmt.options, R.STATEMENTS["export"], stmt.span)
+                model = None
+            opts = self.options(stmt.options, R.STATEMENTS["export"], stmt.span)
+            if model and opts is not None:
+                return Step("export", _ref(stmt.model), opts, stmt.span, path=stmt.path.value)
         elif isinstance(stmt, ast.Tie):
             a, b = self.selector(stmt.target), self.selector(stmt.source)
             if a is not None and b is not None:
@@ -317,6 +351,7 @@ class _Checker:
         else:
             verb = {ast.Adapt: "adapt", ast.Share: "share", ast.Prune: "prune", ast.Quantize: "quantize"}[type(stmt)]
             self.technique(stmt, verb)
+        return None
 
     def technique(self, stmt, verb: str) -> None:
         selected = self.selector(stmt.target)
@@ -595,10 +630,13 @@ class _Checker:
         if not ok:
             return None
         full = {p.name: given.get(p.name, p.default) for p in entry.params}
-        for p in entry.params:  # defaults that name another parameter: kv_heads=heads, alpha=rank
+        for p in entry.params:  # defaults that name another parameter (kv_heads=heads, alpha=rank)
             if full[p.name] is None and p.default_doc in full and full[p.default_doc] is not None:
                 v = full[p.default_doc]
                 full[p.name] = float(v) if isinstance(p.type, FloatT) else v
+            elif full[p.name] is None and isinstance(p.type, CallT) and p.default_doc:
+                default = R.CALLABLES[p.type.registry].entries[p.default_doc.removesuffix("()")]
+                full[p.name] = CallValue(default.name, {q.name: q.default for q in default.params})
         for prob in (entry.constraints(full) if entry.constraints else []):
             self.err("E0309", prob.message, spans.get(prob.arg, span), prob.hint)
             ok = False
@@ -774,6 +812,10 @@ class _Checker:
         return full
 
 
+def _ref(ref: ast.ModelRef) -> Ref:
+    return Ref("model", ref.model.name, stage=ref.stage.name if ref.stage else None)
+
+
 def _plural(kind: str) -> str:
     return kind if kind.endswith("data") else kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
 
@@ -850,7 +892,8 @@ def check(program: ast.Program, source: str = "", catalog: ModelCatalog | None =
     except Exception as exc:  # a checker bug must reach the user as a diagnostic, not a traceback
         c.diags.append(error("E9001", f"internal error in the checker: {type(exc).__name__}: {exc}",
                              Span(program.path, 1, 1, 1, 2), "please report this with the .eff file"))
-    return CheckResult(program, sort_diagnostics(diags + c.diags), source, c.params, c.models, c.data, c.budget)
+    return CheckResult(program, sort_diagnostics(diags + c.diags), source, c.params, c.models, c.data, c.budget,
+                       c.stage_infos, c.exports)
 
 
 def check_source(text: str, path: str = "<input>", catalog: ModelCatalog | None = None,

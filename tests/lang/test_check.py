@@ -132,3 +132,35 @@ def test_catalog_interface_supplies_trees():
 def test_all_diagnostics_are_collected_and_sorted():
     r = run("stage s:\n    train tiny on corpus (steps=0, batch=0)\n    train tiny on nope (steps=1)\n")
     assert codes(r) == [("E0306", 6, 33), ("E0306", 6, 42), ("E0101", 7, 19)]
+
+
+def test_stages_record_checked_steps_with_defaults():
+    """What the runtime reads: each stage's train/eval/export with every option resolved."""
+    r = run("stage a:\n    train tiny on corpus (steps=10, optimizer=adamw(lr=3e-3), schedule=cosine(warmup=2))\n"
+            "stage b:\n    adapt tiny.layers[0].attn.q with lora(rank=2)\n"
+            "    eval tiny on corpus.validation (against=tiny@a)\n"
+            "export tiny@a to \"out/a\" (format=effc)\n")
+    assert r.ok, codes(r)
+    a, b = r.stages
+    assert (a.name, [s.kind for s in a.steps], b.name, [s.kind for s in b.steps]) == ("a", ["train"], "b", ["eval"])
+    defaults = check_source(HEAD + "stage s:\n    train tiny on corpus (steps=1)\n").stages[0].steps[0].options
+    assert (defaults["optimizer"].name, defaults["optimizer"].args["lr"], defaults["schedule"].name) == (
+        "adamw", 1e-3, "constant")
+    train = a.steps[0]
+    assert train.model == Ref("model", "tiny") and train.data == Ref("data", "corpus")
+    assert train.options["steps"] == 10 and train.options["batch"] == 8 and train.options["accumulate"] == 1
+    assert train.options["optimizer"].name == "adamw"
+    assert train.options["optimizer"].args == {"lr": 3e-3, "betas": [0.9, 0.999], "weight_decay": 0.0}
+    assert train.options["schedule"].name == "cosine" and train.options["schedule"].args == {"warmup": 2}
+    ev = b.steps[0]
+    assert ev.data == Ref("data", "corpus", split="validation")
+    assert ev.options["against"] == Ref("model", "tiny", stage="a") and ev.options["metrics"] == ["loss"]
+    (export,) = r.exports
+    assert (export.model, export.path, export.options) == (
+        Ref("model", "tiny", stage="a"), "out/a", {"format": "effc", "merge_adapters": False})
+
+
+def test_a_statement_with_errors_is_not_recorded():
+    r = run("stage a:\n    train tiny on corpus (steps=0)\n    train tiny on corpus (steps=1)\n")
+    assert [c for c, *_ in codes(r)] == ["E0306"]
+    assert [s.options["steps"] for s in r.stages[0].steps] == [1]
