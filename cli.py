@@ -68,6 +68,11 @@ def check(
     """Find every mistake in a .eff file before anything runs (exit 1 on any error)."""
     overrides, bad = _overrides(set_)
     result = check_file(str(file), overrides=overrides)
+    if result.ok:  # a clean file is also costed: a predicted peak over the budget is a mistake too
+        from effc.compiler.pipeline import compile_checked
+
+        result.diagnostics = sorted(result.diagnostics + list(compile_checked(result).diagnostics),
+                                    key=lambda d: d.sort_key())
     status = _report(result, file, format, bad)
     if status == 0 and format is OutputFormat.text:
         typer.echo(f"{file}: ok", err=True)

@@ -58,6 +58,7 @@ CODES: dict[str, tuple[str, str]] = {
     # files and combinations
     "E0401": ("file not found", "A path in the file (relative to the .eff file's folder) does not exist."),
     "E0402": ("sequence too long for the model", "The data's seq is longer than the model's maximum sequence length."),
+    "E0404": ("over the memory budget", "The cost estimate predicts a peak memory for a train step above the file's budget(memory=...). The hint names the largest contributor."),
     "E0403": ("option needs another option", "An option only makes sense with another (for example metrics=[similarity] needs against=)."),
     # warnings
     "W0101": ("unused declaration", "A param, model or data declaration is never used."),

@@ -136,3 +136,12 @@ def test_colour_only_when_asked_for_a_terminal(tmp_path):
     coloured = render_all(result.diagnostics, {path: result.source}, colour=True)
     assert "\x1b[" not in plain and "\x1b[1;31merror[E0310]" in coloured
     assert re.sub(r"\x1b\[[0-9;]*m", "", coloured) == plain  # colour adds nothing but escapes
+
+
+def test_check_costs_the_file_against_its_budget(tmp_path):
+    path = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1KiB)\nstage s:"))
+    r = runner.invoke(app, ["check", path])
+    assert r.exit_code == 1
+    assert f"{path}:4:1: error[E0404]: predicted peak memory" in r.stderr
+    path = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1GiB)\nstage s:"), "fits.eff")
+    assert runner.invoke(app, ["check", path]).exit_code == 0

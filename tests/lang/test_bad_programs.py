@@ -51,7 +51,9 @@ UPDATE = os.environ.get("EFFC_UPDATE_GOLDENS") == "1"
 EXPECT = re.compile(r"#\s*expect:\s*([EW]\d{4})\s+(\d+):(\d+)\s*$")
 
 # Codes that no committed .eff file can produce; each is tested separately here.
-NOT_FROM_A_FILE = {"E0010", "E0111", "E9001"}
+# E0404 (over the memory budget) comes from the compiler's cost estimate, not from `effc check`
+# alone: tests/compiler/test_pipeline.py covers it.
+NOT_FROM_A_FILE = {"E0010", "E0111", "E0404", "E9001"}
 
 KNOWN_BUGS: dict[str, str] = {}
 

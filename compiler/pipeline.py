@@ -1,0 +1,101 @@
+"""compile_checked: a checked program -> one costed IR per `train` step, read top to bottom.
+
+Each `train` statement trains the model as it is at that statement: the model's IR,
+rewritten by the passes below with the adapters declared before the statement (in this
+or an earlier stage), and costed for one optimizer micro-batch of the statement's data.
+A predicted peak above the file's `budget(memory=...)` is a diagnostic at the budget line.
+No stage changes its input; nothing here allocates a weight or imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from effc.compiler.cost import Cost, estimate
+from effc.compiler.ir import IR, IRError
+from effc.compiler.lower import lower_model
+from effc.compiler.passes import InternalError, PassContext, PassReport, run_passes
+from effc.lang import ast
+from effc.lang.check import CheckResult, Step
+from effc.lang.diagnostics import Diagnostic, Span, error
+from effc.lang.types import Bytes
+
+# The pass list, in order, each with its reason.
+PASSES = [
+    "apply_lora",    # adapters declared so far become LORA nodes; the base is frozen
+    "assign_roles",  # trainable flags: everything when no adapter exists
+]
+
+
+@dataclass(frozen=True)
+class TrainBuild:
+    stage: str
+    step: Step
+    ir: IR
+    report: PassReport
+    cost: Cost
+    micro_batch: int
+
+
+@dataclass(frozen=True)
+class Compiled:
+    builds: tuple[TrainBuild, ...]
+    diagnostics: tuple[Diagnostic, ...]
+
+
+def _before(a: Span, b: Span) -> bool:
+    return (a.line, a.col) < (b.line, b.col)
+
+
+def _build(result: CheckResult, stage: str, step: Step) -> TrainBuild:
+    info = result.models[step.model.name]
+    adapters = tuple(u for u in info.adapters if _before(u.span, step.span))
+    ir, report = run_passes(lower_model(info), PASSES, PassContext(adapters))
+    # `batch` sequences per optimizer step arrive as `accumulate` micro-batches.
+    micro = math.ceil(step.options["batch"] / step.options["accumulate"])
+    seq = result.data[step.data.name].args["seq"]
+    return TrainBuild(stage, step, ir, report, estimate(ir, micro, seq), micro)
+
+
+def _budget_span(result: CheckResult) -> Span:
+    return next(i.span for i in result.program.items if isinstance(i, ast.Budget))
+
+
+def _over_budget(result: CheckResult, b: TrainBuild) -> Diagnostic | None:
+    limit: Bytes = result.budget["memory"]
+    c = b.cost
+    if c.peak_bytes <= limit.n:
+        return None
+    parts = {"weights": c.weight_bytes, "gradients": c.grad_bytes, "optimizer state": c.optimizer_bytes,
+             "activations": c.activation_bytes, "logits and their gradient": c.transient_bytes}
+    largest = max(parts, key=parts.get)
+    return error("E0404", f"predicted peak memory {_gib(c.peak_bytes)} of 'train {b.step.model.name}' "
+                 f"(stage {b.stage}, line {b.step.span.line}) exceeds the budget of {_gib(limit.n)}",
+                 _budget_span(result),
+                 f"the largest part is {largest} ({_gib(parts[largest])}); a smaller batch per micro-batch "
+                 f"(now {b.micro_batch}: raise accumulate=) or adapters instead of full training use less")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB" if n >= 2**28 else f"{n / 2**20:.1f}MiB"
+
+
+def compile_checked(result: CheckResult) -> Compiled:
+    """Build and cost every train step of a program that checked without errors."""
+    if not result.ok:
+        raise ValueError("compile_checked needs a program that checked without errors")
+    builds, diags = [], []
+    for stage in result.stages:
+        for step in stage.steps:
+            if step.kind != "train":
+                continue
+            try:
+                b = _build(result, stage.name, step)
+            except (InternalError, IRError) as exc:  # a compiler bug, reported, never raised
+                diags.append(error("E9001", str(exc), step.span, "please report this with the .eff file"))
+                continue
+            builds.append(b)
+            if result.budget is not None and (d := _over_budget(result, b)) is not None:
+                diags.append(d)
+    return Compiled(tuple(builds), tuple(diags))
