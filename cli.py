@@ -66,17 +66,55 @@ def check(
     set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
 ) -> None:
     """Find every mistake in a .eff file before anything runs (exit 1 on any error)."""
+    _check_and_compile(file, set_, format)
+    if format is OutputFormat.text:
+        typer.echo(f"{file}: ok", err=True)
+
+
+def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat):
+    """check + cost: returns (result, compiled) or exits with the diagnostics."""
+    from effc.compiler.pipeline import compile_checked
+
     overrides, bad = _overrides(set_)
     result = check_file(str(file), overrides=overrides)
-    if result.ok:  # a clean file is also costed: a predicted peak over the budget is a mistake too
-        from effc.compiler.pipeline import compile_checked
+    compiled = compile_checked(result) if result.ok and not bad else None
+    if compiled is not None:  # a predicted peak over the budget is a mistake too
+        result.diagnostics = sorted(result.diagnostics + list(compiled.diagnostics), key=lambda d: d.sort_key())
+    status = _report(result, file, fmt, bad)
+    if status:
+        raise typer.Exit(status)
+    return result, compiled
 
-        result.diagnostics = sorted(result.diagnostics + list(compile_checked(result).diagnostics),
-                                    key=lambda d: d.sort_key())
-    status = _report(result, file, format, bad)
-    if status == 0 and format is OutputFormat.text:
-        typer.echo(f"{file}: ok", err=True)
-    raise typer.Exit(status)
+
+@app.command()
+def build(
+    file: Path = typer.Argument(..., help="the .eff file"),
+    out: Path = typer.Option(Path("build"), "-o", "--out", help="the build folder (replaced atomically)"),
+    set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
+) -> None:
+    """Check, lower and cost every train step; write the IR and the cost table to a folder."""
+    from effc.compiler.build import write_build
+
+    _, compiled = _check_and_compile(file, set_, OutputFormat.text)
+    write_build(compiled, out)
+    typer.echo(f"{file}: built {len(compiled.builds)} train step(s) into {out}/", err=True)
+
+
+@app.command()
+def show(
+    folder: Path = typer.Argument(..., help="a folder written by effc build"),
+    ir: bool = typer.Option(False, "--ir", help="the IR of every train step"),
+    cost: bool = typer.Option(False, "--cost", help="the cost table of every train step"),
+) -> None:
+    """Print what effc build wrote (the cost table by default)."""
+    from effc.compiler.build import read_section
+
+    if not (folder / "build.json").is_file():
+        typer.echo(f"error: '{folder}' is not a build folder (no build.json)\n"
+                   "   = hint: write one with: effc build FILE -o FOLDER", err=True)
+        raise typer.Exit(2)
+    sections = (["ir"] if ir else []) + (["cost"] if cost or not ir else [])
+    typer.echo("\n".join(read_section(folder, s) for s in sections), nl=False)
 
 
 @app.command()

@@ -145,3 +145,35 @@ def test_check_costs_the_file_against_its_budget(tmp_path):
     assert f"{path}:4:1: error[E0404]: predicted peak memory" in r.stderr
     path = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1GiB)\nstage s:"), "fits.eff")
     assert runner.invoke(app, ["check", path]).exit_code == 0
+
+
+def test_build_writes_the_ir_and_cost_that_show_prints(tmp_path):
+    from effc.compiler.ir import IR
+
+    out = tmp_path / "build"
+    r = runner.invoke(app, ["build", QUICKSTART, "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert "built 2 train step(s)" in r.stderr
+    steps = json.loads((out / "build.json").read_text())["steps"]
+    assert [(s["stage"], s["model"], s["micro_batch"]) for s in steps] == [("pretrain", "tiny", 32), ("tune", "tiny", 8)]
+    # the tune step trains LoRA r=8 on q and v of 6 layers (256 -> 256): 6 * 2 * 8 * 512
+    assert steps[1]["cost"]["params_trainable"] == 49152 and steps[1]["passes"]["apply_lora"] > 0
+    ir = IR.from_json((out / "ir" / "01_tune_tiny.json").read_text())
+    assert ir.node("layers[5].attn.v.lora0").params[1].shape == (256, 8)
+    shown = runner.invoke(app, ["show", str(out), "--ir", "--cost"])
+    assert shown.exit_code == 0
+    assert "# 01_tune_tiny" in shown.stdout and "layers[0].attn.q.lora0 = lora(" in shown.stdout
+    assert "params trainable" in shown.stdout and "49,152" in shown.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no temporary folder left
+
+
+def test_build_refuses_a_file_with_errors_and_writes_nothing(tmp_path):
+    out = tmp_path / "build"
+    r = runner.invoke(app, ["build", write(tmp_path, BAD), "-o", str(out)])
+    assert r.exit_code == 1 and "E0310" in r.stderr
+    assert not out.exists()
+
+
+def test_show_needs_a_build_folder(tmp_path):
+    r = runner.invoke(app, ["show", str(tmp_path)])
+    assert r.exit_code == 2 and "is not a build folder" in r.stderr
