@@ -18,7 +18,7 @@ import typer
 from effc import __version__
 from effc.lang.check import CheckResult, check_file
 from effc.lang.codes import CODES
-from effc.lang.diagnostics import Span, error, render_all, to_json
+from effc.lang.diagnostics import Span, error, render_all, sort_diagnostics, to_json
 
 app = typer.Typer(
     help="effc compiles .eff pipeline files: one checked file from base model to exported model.",
@@ -59,6 +59,21 @@ def _report(result: CheckResult, file: Path, fmt: OutputFormat, extra: list) -> 
     return 1 if failed else 0
 
 
+def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat):
+    """check + cost: returns (result, compiled) or exits with the diagnostics."""
+    from effc.compiler.pipeline import compile_checked
+
+    overrides, bad = _overrides(set_)
+    result = check_file(str(file), overrides=overrides)
+    compiled = compile_checked(result) if result.ok and not bad else None
+    if compiled is not None:  # a predicted peak over the budget is a mistake too
+        result.diagnostics = sort_diagnostics(result.diagnostics + list(compiled.diagnostics))
+    status = _report(result, file, fmt, bad)
+    if status:
+        raise typer.Exit(status)
+    return result, compiled
+
+
 @app.command()
 def check(
     file: Path = typer.Argument(..., help="the .eff file"),
@@ -69,21 +84,6 @@ def check(
     _check_and_compile(file, set_, format)
     if format is OutputFormat.text:
         typer.echo(f"{file}: ok", err=True)
-
-
-def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat):
-    """check + cost: returns (result, compiled) or exits with the diagnostics."""
-    from effc.compiler.pipeline import compile_checked
-
-    overrides, bad = _overrides(set_)
-    result = check_file(str(file), overrides=overrides)
-    compiled = compile_checked(result) if result.ok and not bad else None
-    if compiled is not None:  # a predicted peak over the budget is a mistake too
-        result.diagnostics = sorted(result.diagnostics + list(compiled.diagnostics), key=lambda d: d.sort_key())
-    status = _report(result, file, fmt, bad)
-    if status:
-        raise typer.Exit(status)
-    return result, compiled
 
 
 @app.command()
