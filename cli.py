@@ -16,9 +16,9 @@ from typing import List, Optional
 import typer
 
 from effc import __version__
-from effc.lang.check import CheckResult, check_file
+from effc.lang.check import CheckResult, check_file, read_source
 from effc.lang.codes import CODES
-from effc.lang.diagnostics import Span, error, render_all, sort_diagnostics, to_json
+from effc.lang.diagnostics import Span, error, has_errors, render_all, sort_diagnostics, to_json
 
 app = typer.Typer(
     help="effc compiles .eff pipeline files: one checked file from base model to exported model.",
@@ -55,8 +55,7 @@ def _report(result: CheckResult, file: Path, fmt: OutputFormat, extra: list) -> 
         typer.echo(to_json(diags))
     elif diags:
         typer.echo(render_all(diags, {str(file): result.source}, colour=_colour(sys.stderr)), err=True)
-    failed = any(d.severity.value == "error" for d in diags)
-    return 1 if failed else 0
+    return 1 if has_errors(diags) else 0
 
 
 def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat):
@@ -127,15 +126,13 @@ def fmt(
     """Print the canonical formatting of a .eff file (keeps every comment; idempotent)."""
     from effc.lang.format import format_source
 
-    result = check_file(str(file))  # reads the file with the same diagnostics as check
-    if result.program is None:
-        raise typer.Exit(_report(result, file, OutputFormat.text, []))
-    formatted, diags = format_source(result.source, str(file))
-    if formatted is None:
-        raise typer.Exit(_report(CheckResult(None, list(diags), result.source), file, OutputFormat.text, []))
-    changed = formatted != result.source
+    text, diags = read_source(str(file))
+    formatted, syntax = format_source(text, str(file)) if text is not None else (None, ())
+    if formatted is None:  # formatting needs only a parse, not a full check
+        raise typer.Exit(_report(CheckResult(None, diags + list(syntax), text or ""), file, OutputFormat.text, []))
+    changed = formatted != text  # raw text: a missing final newline or CRLF is a change too
     if diff:
-        lines = difflib.unified_diff(result.source.splitlines(keepends=True), formatted.splitlines(keepends=True),
+        lines = difflib.unified_diff(text.splitlines(keepends=True), formatted.splitlines(keepends=True),
                                      f"{file}", f"{file} (formatted)")
         typer.echo("".join(lines), nl=False)
     if write and changed:

@@ -904,20 +904,27 @@ def check_source(text: str, path: str = "<input>", catalog: ModelCatalog | None 
     return check(parsed.program, parsed.source, catalog, overrides)
 
 
-def check_file(path: str, catalog: ModelCatalog | None = None,
-               overrides: dict[str, str] | None = None) -> CheckResult:
-    """Read and check a file; an unreadable or non-UTF-8 file is a diagnostic (E0010)."""
+def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
+    """A file's text, or why it cannot be read (E0010: missing, unreadable, not UTF-8)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-        text = data.decode("utf-8")
+        return data.decode("utf-8"), []
     except OSError as exc:
-        return CheckResult(None, [error("E0010", f"cannot read '{path}': {exc.strerror or exc}",
-                                        Span(path, 1, 1, 1, 2), "check the path")], "")
+        return None, [error("E0010", f"cannot read '{path}': {exc.strerror or exc}",
+                            Span(path, 1, 1, 1, 2), "check the path")]
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        return CheckResult(None, [error("E0010", f"'{path}' is not UTF-8 text: byte 0x{data[exc.start]:02x} "
-                                        f"at line {line}, column {col}", Span(path, line, col, line, col + 1),
-                                        "save the file as UTF-8")], "")
+        return None, [error("E0010", f"'{path}' is not UTF-8 text: byte 0x{data[exc.start]:02x} "
+                            f"at line {line}, column {col}", Span(path, line, col, line, col + 1),
+                            "save the file as UTF-8")]
+
+
+def check_file(path: str, catalog: ModelCatalog | None = None,
+               overrides: dict[str, str] | None = None) -> CheckResult:
+    """Read and check a file; an unreadable or non-UTF-8 file is a diagnostic (E0010)."""
+    text, diags = read_source(path)
+    if text is None:
+        return CheckResult(None, diags, "")
     return check_source(text, path, catalog, overrides)

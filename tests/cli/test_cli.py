@@ -177,3 +177,13 @@ def test_build_refuses_a_file_with_errors_and_writes_nothing(tmp_path):
 def test_show_needs_a_build_folder(tmp_path):
     r = runner.invoke(app, ["show", str(tmp_path)])
     assert r.exit_code == 2 and "is not a build folder" in r.stderr
+
+
+def test_fmt_needs_only_a_parse_and_sees_a_missing_final_newline(tmp_path):
+    # an undefined data name is a check error, not a formatting one
+    path = write(tmp_path, "stage s:\n    train m on nowhere (steps=1)")
+    r = runner.invoke(app, ["fmt", path, "--check"])
+    assert r.exit_code == 1 and "would reformat" in r.stderr
+    assert runner.invoke(app, ["fmt", path, "--write"]).exit_code == 0
+    assert Path(path).read_text() == "stage s:\n    train m on nowhere (steps=1)\n"
+    assert runner.invoke(app, ["fmt", path, "--check"]).exit_code == 0

@@ -5,6 +5,7 @@ matter (lines and columns are 1-based, the end column is exclusive)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
@@ -453,35 +454,7 @@ def test_keywords_function_lists_the_statement_keywords():
 
 # ---------------------------------------------------------------- the design sketch
 
-SKETCH = '''pipeline quickstart
-
-param rank = 8                                    # overridable: effc run --set rank=16
-
-model tiny = decoder(vocab=512, dim=256, layers=6, heads=4, ffn=704, seq=128)
-# model base = hf("checkpoints/my-llama")         # local Hugging Face checkpoint; paths are
-                                                  # relative to this file
-data corpus = text("data/train.txt", seq=128)     # also jsonl(...), markov(...), stdlib_text(...)
-
-budget(memory=4GiB)
-
-stage pretrain:
-    train tiny on corpus (steps=300, batch=32,
-                          optimizer=adamw(lr=3e-3), schedule=cosine(warmup=30))
-
-stage recurse:
-    share tiny.layers[0:6] as recursive(blocks=2, init=average)
-    adapt tiny.layers[*].attn.{q,v} with lora(rank=rank, alpha=2*rank)
-    adapt tiny.layers[*].attn.{q,v} with lora(rank=4, per_loop=true)
-    train tiny on corpus (steps=200, optimizer=adamw(lr=1e-3))
-
-stage compress:
-    prune tiny.layers[*].mlp.** with wanda(sparsity=0.5, calibrate=corpus, samples=64)
-    quantize tiny.**:linear to int4(group=64)
-    eval tiny on corpus.validation (metrics=[perplexity], against=tiny@pretrain)
-
-model soup = ties(tiny@recurse, tiny@compress, base=tiny@pretrain, density=0.5)
-export tiny to "out/quickstart" (format=hf, merge_adapters=true)
-'''
+SKETCH = (Path(__file__).parent / "design_sketch.eff").read_text(encoding="utf-8")  # DESIGN.md's sketch
 
 
 def _sketch_ast() -> tuple:
