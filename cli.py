@@ -95,7 +95,12 @@ def build(
     from effc.compiler.build import write_build
 
     _, compiled = _check_and_compile(file, set_, OutputFormat.text)
-    write_build(compiled, out)
+    try:
+        write_build(compiled, out)
+    except OSError as exc:
+        typer.echo(f"error: cannot write the build folder '{out}': {exc.strerror or exc}\n"
+                   "   = hint: choose another folder with -o", err=True)
+        raise typer.Exit(2)
     typer.echo(f"{file}: built {len(compiled.builds)} train step(s) into {out}/", err=True)
 
 

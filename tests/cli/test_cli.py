@@ -187,3 +187,11 @@ def test_fmt_needs_only_a_parse_and_sees_a_missing_final_newline(tmp_path):
     assert runner.invoke(app, ["fmt", path, "--write"]).exit_code == 0
     assert Path(path).read_text() == "stage s:\n    train m on nowhere (steps=1)\n"
     assert runner.invoke(app, ["fmt", path, "--check"]).exit_code == 0
+
+
+def test_build_into_an_unwritable_place_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = runner.invoke(app, ["build", QUICKSTART, "-o", str(blocker / "build")])
+    assert r.exit_code == 2 and "cannot write the build folder" in r.stderr
+    assert blocker.read_text() == "not a folder"
