@@ -27,9 +27,17 @@ def _pip_install(bin_dir: Path, *args: str) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def _where(bin_dir: Path, cwd: Path) -> dict:
-    code = ("import effc, effc.lang, effc.cli, effc.compiler, effc.compiler.passes, effc.runtime, effc.kernels,"
-            " json, os;"
+# An editable install adds a finder to the end of sys.meta_path, so a non-editable copy of effc
+# in the base environment (CI installs one there before running the tests) would shadow it in a
+# --system-site-packages venv. Putting the editable finders first is what an environment without
+# that second copy sees.
+EDITABLE_FIRST = ("import sys;"
+                  "sys.meta_path.sort(key=lambda f: not str(getattr(f, '__module__', '')).startswith('__editable__'));")
+
+
+def _where(bin_dir: Path, cwd: Path, prelude: str = "") -> dict:
+    code = (prelude + "import effc, effc.lang, effc.cli, effc.compiler, effc.compiler.passes, effc.runtime,"
+            " effc.kernels, json, os;"
             "from importlib import resources;"
             "print(json.dumps({'lang': os.path.realpath(effc.lang.__file__),"
             " 'grammar': resources.files('effc.lang').joinpath('grammar.lark').is_file()}))")
@@ -84,10 +92,11 @@ def test_editable_install_points_at_the_checkout(tmp_path, outside):
     bin_dir = _venv(tmp_path / "venv")
     _pip_install(bin_dir, "-e", str(ROOT))
     try:
-        where = _where(bin_dir, outside)
+        where = _where(bin_dir, outside, EDITABLE_FIRST)
         assert where["lang"] == os.path.realpath(ROOT / "lang" / "__init__.py")
         assert where["grammar"]
-        r = subprocess.run([str(bin_dir / "effc"), "check", str(ROOT / "examples" / "quickstart.eff")],
+        cli = EDITABLE_FIRST + "from effc.cli import main; sys.argv = ['effc', 'check', sys.argv[1]]; main()"
+        r = subprocess.run([str(bin_dir / "python"), "-c", cli, str(ROOT / "examples" / "quickstart.eff")],
                            capture_output=True, text=True, cwd=outside)
         assert r.returncode == 0, r.stderr
     finally:
