@@ -105,19 +105,88 @@ def build(
 
 
 @app.command()
+def run(
+    file: Path = typer.Argument(..., help="the .eff file"),
+    set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="the run folder [default: runs/PIPELINE]"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted train from its last checkpoint"),
+    force: bool = typer.Option(False, "--force", help="replace export folders that already exist"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="CPU threads (a resumed run is bit-identical at the same count)"),
+) -> None:
+    """Run the pipeline: train, evaluate and export, stage by stage, reusing unchanged stages."""
+    from effc.runtime.progress import ConsoleReporter
+    from effc.runtime.run import RunFailed, RunOptions, run_pipeline
+    from effc.runtime.train import Interrupted
+
+    result, _ = _check_and_compile(file, set_, OutputFormat.text)
+    folder = out or Path("runs") / (result.program.name or file.stem)
+    reporter = ConsoleReporter()
+    try:
+        summary = run_pipeline(result, file, RunOptions(folder, resume, force, threads), reporter,
+                               _overrides(set_)[0])
+    except RunFailed as exc:
+        raise typer.Exit(_report(CheckResult(None, exc.diagnostics, result.source), file, OutputFormat.text, []))
+    except Interrupted as exc:
+        typer.echo(f"stopped after step {exc.step}; checkpoint written to {exc.checkpoint}\n"
+                   f"   = hint: continue with: effc run {file} --resume" + (f" -o {out}" if out else ""), err=True)
+        raise typer.Exit(130)
+    except OSError as exc:
+        typer.echo(f"error[E0503]: cannot use the run folder '{folder}': {exc.strerror or exc}\n"
+                   "   = hint: choose another folder with -o, or free some disk space", err=True)
+        raise typer.Exit(2)
+    reporter.summary(summary, folder)
+
+
+@app.command()
+def plot(
+    folder: Path = typer.Argument(..., help="a run folder written by effc run"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="where the PNGs go [default: the run folder]"),
+) -> None:
+    """Write the loss and learning-rate curves of a run as PNG files."""
+    from effc.runtime.plot import PlotError, plot_run
+
+    try:
+        paths = plot_run(folder, out)
+    except PlotError as exc:
+        typer.echo(f"error: {exc.message}" + (f"\n   = hint: {exc.hint}" if exc.hint else ""), err=True)
+        raise typer.Exit(2)
+    for p in paths:
+        typer.echo(str(p))
+
+
+class ShowFormat(str, Enum):
+    text = "text"
+    dot = "dot"
+    svg = "svg"
+
+
+@app.command()
 def show(
     folder: Path = typer.Argument(..., help="a folder written by effc build"),
     ir: bool = typer.Option(False, "--ir", help="the IR of every train step"),
+    fx: bool = typer.Option(False, "--fx", help="the torch.fx code of every train step"),
     cost: bool = typer.Option(False, "--cost", help="the cost table of every train step"),
+    format: ShowFormat = typer.Option(ShowFormat.text, "--format",
+                                      help="text, or the IR as Graphviz dot / svg (written next to the IR)"),
 ) -> None:
     """Print what effc build wrote (the cost table by default)."""
-    from effc.compiler.build import read_section
+    from effc.compiler.build import read_section, write_graphs
 
     if not (folder / "build.json").is_file():
         typer.echo(f"error: '{folder}' is not a build folder (no build.json)\n"
                    "   = hint: write one with: effc build FILE -o FOLDER", err=True)
         raise typer.Exit(2)
-    sections = (["ir"] if ir else []) + (["cost"] if cost or not ir else [])
+    if format is not ShowFormat.text:
+        try:
+            for path in write_graphs(folder, format.value):
+                typer.echo(str(path))
+        except RuntimeError as exc:
+            typer.echo(f"error: {exc}\n   = hint: install Graphviz (apt-get install graphviz), or use --format dot",
+                       err=True)
+            raise typer.Exit(2)
+        return
+    sections = (["ir"] if ir else []) + (["fx"] if fx else []) + (["cost"] if cost or not (ir or fx) else [])
     typer.echo("\n".join(read_section(folder, s) for s in sections), nl=False)
 
 

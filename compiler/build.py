@@ -3,11 +3,13 @@
     DIR/build.json            one entry per train step: stage, model, line, micro-batch, cost
     DIR/ir/NN_STAGE_MODEL.json   the step's IR (IR.from_json reads it back)
     DIR/ir/NN_STAGE_MODEL.txt    the same IR as a text dump, one line per node and param
+    DIR/fx/NN_STAGE_MODEL.py     the torch.fx code the runtime executes for the step
     DIR/cost.txt              the cost table of every train step
 
 Files are written to a temporary folder that replaces DIR only when complete, so a
-crash never leaves a half-written build. (The fx graph joins the folder with the fx
-lowering.)
+crash never leaves a half-written build. The fx graph is built on the meta device: no
+weight is allocated, whatever the model's size. `effc show --format dot|svg` adds
+DIR/ir/NN_STAGE_MODEL.dot (and .svg) from the stored IR.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from effc.compiler.cost import format_cost
-from effc.compiler.ir import dump
+from effc.compiler.ir import IR, dump
 from effc.compiler.pipeline import Compiled, TrainBuild
 
 
@@ -32,17 +34,28 @@ def _title(b: TrainBuild) -> str:
     return f"stage {b.stage}: train {b.step.model.name} (line {b.step.span.line}, micro-batch {b.micro_batch})"
 
 
+def _fx_code(b: TrainBuild) -> str:
+    import torch
+
+    from effc.compiler.to_fx import to_fx
+
+    gm = to_fx(b.ir, b.cost.seq, device=torch.device("meta"))
+    return f"# {_title(b)}: forward(tokens, targets) -> summed cross-entropy\n" + gm.code.lstrip("\n")
+
+
 def write_build(compiled: Compiled, out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "ir").mkdir()
+        (tmp / "fx").mkdir()
         entries, tables = [], []
         for i, b in enumerate(compiled.builds):
             name = _name(i, b)
             (tmp / "ir" / f"{name}.json").write_text(b.ir.to_json(), encoding="utf-8")
             (tmp / "ir" / f"{name}.txt").write_text(dump(b.ir), encoding="utf-8")
+            (tmp / "fx" / f"{name}.py").write_text(_fx_code(b), encoding="utf-8")
             entries.append({"name": name, "stage": b.stage, "model": b.step.model.name,
                             "line": b.step.span.line, "micro_batch": b.micro_batch,
                             "passes": dict(b.report.rewrites), "cost": dataclasses.asdict(b.cost)})
@@ -58,9 +71,28 @@ def write_build(compiled: Compiled, out: Path) -> None:
 
 
 def read_section(out: Path, section: str) -> str:
-    """The text `effc show` prints: section "ir" (every IR dump) or "cost"."""
+    """The text `effc show` prints: section "ir" (every IR dump), "fx" (every fx graph's
+    code) or "cost"."""
     out = Path(out)
     if section == "cost":
         return (out / "cost.txt").read_text(encoding="utf-8")
-    parts = [f"# {p.stem}\n{p.read_text(encoding='utf-8')}" for p in sorted((out / "ir").glob("*.txt"))]
+    folder, ext = {"ir": ("ir", "*.txt"), "fx": ("fx", "*.py")}[section]
+    parts = [f"# {p.stem}\n{p.read_text(encoding='utf-8')}" for p in sorted((out / folder).glob(ext))]
     return "\n".join(parts)
+
+
+def write_graphs(out: Path, fmt: str) -> list[Path]:
+    """Graphviz files of every stored IR (`fmt` "dot" or "svg"), written next to it."""
+    from effc.compiler.dot import render_svg, to_dot
+
+    paths = []
+    for p in sorted((Path(out) / "ir").glob("*.json")):
+        text = to_dot(IR.from_json(p.read_text(encoding="utf-8")), p.stem)
+        dot = p.with_suffix(".dot")
+        dot.write_text(text, encoding="utf-8")
+        if fmt == "svg":
+            render_svg(text, p.with_suffix(".svg"))
+            paths.append(p.with_suffix(".svg"))
+        else:
+            paths.append(dot)
+    return paths

@@ -15,16 +15,23 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
   - RMSNORM: its input x (dim) and the reciprocal rms (1 element);
   - LINEAR: its input (in_features) when its weight is trainable (the input gradient
     needs only W);
-  - LORA: its input (in_features; with dropout, the dropped copy plus a 1-byte mask) and
-    the rank-r intermediate A x, both needed for the A and B gradients;
+  - LORA: its input (in_features; with dropout, the dropped copy, plus a 1-byte mask
+    when the input needs a gradient) and the rank-r intermediate A x, both needed for
+    the A and B gradients;
   - ROTARY: nothing (backward rotates by -theta using the constant tables);
   - ATTENTION_CORE: q, k, v, its output and a logsumexp per head, as a fused
-    (flash-style) kernel does: no T x T matrix is kept;
+    (flash-style) kernel does: no T x T matrix is kept. With grouped-query attention
+    k and v are saved as their per-query-head copies (heads * head_dim each);
   - SWIGLU: gate and up (ffn each); RESIDUAL_ADD: nothing;
-  - LOSS: nothing beyond the transient below.
-- transient: the largest output tensor plus its gradient, alive together in backward
-  (for a decoder, the logits: 2 * B*T*vocab*4 bytes);
-- peak = weights + gradients + optimizer + activations + transient.
+  - LOSS: the log-probabilities (vocab);
+- transient: the largest set of temporaries one op's backward holds beside the saved
+  activations: the loss, the gradients of the log-probabilities and of the logits
+  (2 * vocab per token); SwiGLU, its output gradient, a sigmoid and its two input
+  gradients (4 * ffn); any other op, its output and input gradients;
+- peak = weights + gradients + optimizer + activations + transient. Gradients fill up
+  while activations are freed, so this sum is an upper bound: measured against a
+  tensor-level tracker (tests/runtime/test_memory.py) it is within a few percent for
+  adapter training and up to ~20% high for full training.
 
 FLOPs per token, with N = elements of the weights of matmul ops (LINEAR and LORA; a tied
 head's matrix counts, since it is multiplied even though it is stored once) and the
@@ -102,18 +109,41 @@ def _saved_bytes_per_token(ir: IR, rg: dict[str, bool]) -> int:
         elif n.op is Op.LORA:
             a = n.attrs
             x = ir.node(ins[0])
-            if a.dropout:
-                extra += _width(x) * (4 + MASK_BYTES)
+            if a.dropout:  # the mask is kept only when the input needs a gradient
+                extra += _width(x) * (4 + MASK_BYTES * rg[x.id])
             else:
                 shared.add(x.id)
             extra += a.rank * 4
         elif n.op is Op.ATTENTION_CORE:
-            shared.update(ins)
-            shared.add(n.id)
-            extra += n.attrs.heads * 4
+            a = n.attrs
+            shared.update([ins[0], n.id])
+            if a.kv_heads == a.heads:
+                shared.update(ins[1:])
+            else:  # k and v are saved as their per-query-head copies
+                extra += 2 * a.heads * a.head_dim * 4
+            extra += a.heads * 4
         elif n.op is Op.SWIGLU:
             shared.update(ins)
+        elif n.op is Op.LOSS:
+            extra += _width(ir.node(ins[0])) * 4  # the log-probabilities
     return extra + sum(_width(ir.node(i)) * 4 for i in shared)
+
+
+def _transient_per_token(ir: IR, rg: dict[str, bool]) -> int:
+    """Bytes per token of the largest set of temporaries one op's backward holds beside
+    the saved activations (see the module docstring)."""
+    worst = 0
+    for n in ir.nodes():
+        if not rg[n.id]:
+            continue
+        if n.op is Op.LOSS:
+            t = 2 * _width(ir.node(ir.inputs(n.id)[0]))  # grads of the log-probs and the logits
+        elif n.op is Op.SWIGLU:
+            t = 4 * _width(n)  # output grad, sigmoid, and the two input grads
+        else:
+            t = _width(n) + sum(_width(ir.node(i)) for i in ir.inputs(n.id))  # output and input grads
+        worst = max(worst, t)
+    return 4 * worst
 
 
 def _matmul_elems(n: Node) -> int:
@@ -149,7 +179,7 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     rg = _requires_grad(ir)
     tokens = batch * seq
     acts = tokens * _saved_bytes_per_token(ir, rg)
-    transient = 2 * tokens * 4 * max(_width(n) for n in ir.nodes())
+    transient = tokens * _transient_per_token(ir, rg)
     fwd, train = _flops(ir, rg, seq)
     return Cost(batch, seq, sum(p.numel for p in stored), sum(p.numel for p in trainable),
                 tuple(sorted(roles.items())), weights, grads, opt, acts, transient,

@@ -48,10 +48,23 @@ def _before(a: Span, b: Span) -> bool:
     return (a.line, a.col) < (b.line, b.col)
 
 
+def model_ir(result: CheckResult, name: str, until: Span | None) -> tuple[IR, PassReport]:
+    """Model `name` as it is just before `until` (None: after every stage): its IR
+    rewritten with the adapters declared before that point."""
+    info = result.models[name]
+    adapters = tuple(u for u in info.adapters if until is None or _before(u.span, until))
+    return run_passes(lower_model(info), PASSES, PassContext(adapters))
+
+
+def snapshot_until(result: CheckResult, stage: str) -> Span | None:
+    """Where `M@stage` is taken: the start of the next stage (None after the last)."""
+    names = [s.name for s in result.stages]
+    i = names.index(stage)
+    return result.stages[i + 1].span if i + 1 < len(names) else None
+
+
 def _build(result: CheckResult, stage: str, step: Step) -> TrainBuild:
-    info = result.models[step.model.name]
-    adapters = tuple(u for u in info.adapters if _before(u.span, step.span))
-    ir, report = run_passes(lower_model(info), PASSES, PassContext(adapters))
+    ir, report = model_ir(result, step.model.name, step.span)
     # `batch` sequences per optimizer step arrive as `accumulate` micro-batches.
     micro = math.ceil(step.options["batch"] / step.options["accumulate"])
     seq = result.data[step.data.name].args["seq"]

@@ -344,3 +344,8 @@ class Program:
     comments: tuple[Comment, ...] = field(default=(), compare=False)
     path: str = field(default="<input>", compare=False)
     span: Span = _span()
+
+    @property
+    def name(self) -> str | None:
+        """The `pipeline NAME` of the file, if it has one."""
+        return next((i.name.name for i in self.items if isinstance(i, Pipeline)), None)

@@ -327,6 +327,13 @@ class _Checker:
                     self.err("E0402", f"data '{data.name}' has seq={data.args['seq']} but model "
                              f"'{model.name}' takes at most seq={model.args['seq']}", stmt.data.span,
                              f"lower the data's seq, or raise the model's seq to {data.args['seq']}")
+            if model and data and isinstance(model.args.get("vocab"), int) and data.source:
+                dv = R.data_vocab(data.source, data.args)
+                if isinstance(dv, int) and dv > model.args["vocab"]:
+                    self.err("E0405", f"data '{data.name}' produces {dv} token ids but model '{model.name}' "
+                             f"has vocab={model.args['vocab']}", stmt.data.span,
+                             f"raise the model's vocab to at least {dv}"
+                             + (" (byte-level text uses 256 ids)" if dv == R.BYTE_VOCAB else ""))
             if verb == "eval" and opts is not None:
                 if "similarity" in (opts.get("metrics") or []) and opts.get("against") is None:
                     self.err("E0403", "metrics=[similarity] compares two models, but no against= is given",

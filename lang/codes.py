@@ -60,6 +60,10 @@ CODES: dict[str, tuple[str, str]] = {
     "E0402": ("sequence too long for the model", "The data's seq is longer than the model's maximum sequence length."),
     "E0404": ("over the memory budget", "The cost estimate predicts a peak memory for a train step above the file's budget(memory=...). The hint names the largest contributor."),
     "E0403": ("option needs another option", "An option only makes sense with another (for example metrics=[similarity] needs against=)."),
+    "E0405": ("data and model disagree", "The data produces token ids the model's vocabulary cannot hold (byte-level text needs vocab >= 256), or sequences longer than the model's seq."),
+    "E0501": ("data cannot be read", "At run time a data file was missing, empty or malformed, or holds too few tokens for one sequence. The message names the file and line."),
+    "E0502": ("export would overwrite", "An export folder already exists. effc never overwrites an export silently: pass --force, or choose another path."),
+    "E0503": ("run folder cannot be used", "The run folder or a checkpoint in it cannot be read or written (a permission problem, a full disk, or a corrupt checkpoint)."),
     # warnings
     "W0101": ("unused declaration", "A param, model or data declaration is never used."),
     # internal

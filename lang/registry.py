@@ -80,12 +80,31 @@ def _jsonl_constraints(a: dict) -> list[Problem]:
     return []
 
 
+def _text_constraints(a: dict) -> list[Problem]:
+    tok = a.get("tokenizer")
+    if isinstance(tok, str) and tok != "bytes":
+        return [Problem("tokenizer", f"tokenizer={tok!r} is not available in this version: only 'bytes'",
+                        f"tokenizer.json files arrive with {_MODELS}; use tokenizer=\"bytes\"")]
+    return []
+
+
+BYTE_VOCAB = 256  # byte-level tokens: ids 0..255
+
+
+def data_vocab(source: str, args: dict) -> int | None:
+    """How many token ids a data declaration can produce, known without reading it."""
+    if source == "markov":
+        return args.get("vocab")
+    return BYTE_VOCAB if source in ("text", "jsonl", "stdlib_text") else None
+
+
 DATA_SOURCES = Registry("data source", {
     "text": Entry("text", (
         Param("path", PathT(), doc="a UTF-8 text file"),
         _SEQ,
-        Param("tokenizer", StrT(), "bytes", "'bytes' (byte-level) or a path to a tokenizer.json"),
-    ), "Plain text, tokenized and cut into sequences; the last 5% is the validation split."),
+        Param("tokenizer", StrT(), "bytes", "'bytes' (byte-level; a tokenizer.json comes with issue #4)"),
+    ), "Plain text as bytes (256 token ids), cut into sequences; the last 5% is the validation split.",
+        constraints=_text_constraints),
     "jsonl": Entry("jsonl", (
         Param("path", PathT(), doc="a JSON-lines file, one record a line"),
         _SEQ,
@@ -97,6 +116,7 @@ DATA_SOURCES = Registry("data source", {
     "markov": Entry("markov", (
         _SEQ,
         Param("seed", IntT(min=0), 0, "seed of the random chain"),
+        Param("vocab", IntT(min=2, max=65536), 64, "number of symbols (token ids 0..vocab-1)"),
     ), "Synthetic text from a random Markov chain whose entropy rate is known exactly."),
     "stdlib_text": Entry("stdlib_text", (_SEQ,),
                          "Real English text that every Python install has (taken from the standard library)."),

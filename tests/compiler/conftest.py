@@ -7,7 +7,7 @@ from effc.lang.check import check_source
 
 def model_info(decl: str, body: str = ""):
     """The ModelInfo of `model m = <decl>`; `body` is extra stage text (adapt statements)."""
-    src = f"pipeline t\nmodel m = {decl}\ndata d = markov(seq=8)\nstage s:\n{body}    train m on d (steps=1, batch=2)\n"
+    src = f"pipeline t\nmodel m = {decl}\ndata d = markov(seq=8, vocab=2)\nstage s:\n{body}    train m on d (steps=1, batch=2)\n"
     result = check_source(src)
     assert result.ok, result.diagnostics
     return result.models["m"]

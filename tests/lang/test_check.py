@@ -28,7 +28,7 @@ def test_resolved_model_arguments_and_defaults():
     assert args["kv_heads"] == 2
     no_gqa = check_source(HEAD.replace(", kv_heads=2", ""))
     assert no_gqa.models["tiny"].args["kv_heads"] == 4  # defaults to heads and args["tied"] is False and args["rope_theta"] == 10000.0
-    assert r.data["corpus"].source == "markov" and r.data["corpus"].args == {"seq": 64, "seed": 0}
+    assert r.data["corpus"].source == "markov" and r.data["corpus"].args == {"seq": 64, "seed": 0, "vocab": 64}
 
 
 def test_decoder_tree_shapes_follow_the_arguments():
@@ -99,7 +99,7 @@ def test_snapshots_resolve_to_finished_stages_only():
 
 def test_model_declared_after_stage_is_not_in_its_snapshot():
     r = check_source("model a = decoder(vocab=8, dim=8, layers=1, heads=2, ffn=8, seq=8)\n"
-                     "data d = markov(seq=8)\nstage s:\n    train a on d (steps=1)\n"
+                     "data d = markov(seq=8, vocab=8)\nstage s:\n    train a on d (steps=1)\n"
                      "model b = decoder(vocab=8, dim=8, layers=1, heads=2, ffn=8, seq=8)\n"
                      "export b@s to \"out\"\n")
     assert [c for c, *_ in codes(r)] == ["E0109"]

@@ -73,7 +73,7 @@ param steps = 20 * 5
 param lr = 3e-4
 
 model small = decoder(vocab=128, dim=64, layers=2, heads=2, ffn=128, seq=64)
-model wide = decoder(vocab=128, dim=128, layers=3, heads=4, kv_heads=1,
+model wide = decoder(vocab=256, dim=128, layers=3, heads=4, kv_heads=1,
                      ffn=256, seq=64, rope_theta=500000.0, norm_eps=1e-6)
 data syn = markov(seq=64)
 data text = stdlib_text(seq=32)

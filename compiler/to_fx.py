@@ -1,0 +1,136 @@
+"""Lowering the IR to a torch.fx graph: the program the runtime executes.
+
+`to_fx(ir, seq)` turns each IR node, in topological order, into fx nodes that call the
+effc kernels (`effc.kernels.*`: the CPU paths now, Triton on GPU later) or plain torch
+functions, so the graph mirrors the IR one to one and `effc show --fx` reads like it.
+The graph takes `tokens` and `targets` (B, T) int64 and returns the *sum* of the token
+cross-entropies over targets that are not -100: summing (not averaging) lets gradient
+accumulation and evaluation divide by the exact token count of a whole step.
+
+Parameters live on a module tree whose qualified names are the canonical paths with
+`[i]` written `.i` (`layers[0].attn.q.weight` -> `layers.0.attn.q.weight`), so a state
+dict reads like the IR. A tied param (`tied_to`) is not a separate tensor: the graph
+reads the one it is tied to. Tensors are created on `device` with `torch.empty`; pass
+`torch.device("meta")` to build a graph without allocating a byte (what `effc build` does).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from effc.compiler.ir import IR, IRError, Op, ParamRecord
+from effc.kernels.attention import attention
+from effc.kernels.dropout import Dropout
+from effc.kernels.rmsnorm import rms_norm
+from effc.kernels.rotary import rotary, rotary_tables
+from effc.kernels.swiglu import swiglu
+
+IGNORE = -100  # a target the loss skips (prompt tokens, padding)
+
+
+def fx_name(path: str) -> str:
+    """Canonical path -> torch qualified name: `layers[0].attn.q` -> `layers.0.attn.q`."""
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def _module(root: nn.Module, qualified: str) -> nn.Module:
+    """The module at a dotted path under root, creating empty modules on the way."""
+    m = root
+    for part in qualified.split("."):
+        if not hasattr(m, part):
+            m.add_module(part, nn.Module())
+        m = getattr(m, part)
+    return m
+
+
+def _add_param(root: nn.Module, p: ParamRecord, device) -> None:
+    owner, _, leaf = fx_name(p.path).rpartition(".")
+    t = torch.empty(p.shape, dtype=getattr(torch, p.dtype), device=device)
+    _module(root, owner).register_parameter(leaf, nn.Parameter(t, requires_grad=p.trainable))
+
+
+def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str = "loss") -> fx.GraphModule:
+    """`output="loss"`: forward(tokens, targets) -> summed loss; `output="logits"`:
+    forward(tokens) -> (B, T, vocab) logits, for evaluation metrics that compare models."""
+    if output not in ("loss", "logits"):
+        raise ValueError(f"to_fx: output must be 'loss' or 'logits', not {output!r}")
+    root = nn.Module()
+    for p in ir.params():
+        if p.tied_to is None:
+            _add_param(root, p, device)
+    g = fx.Graph()
+    tokens = g.placeholder("tokens")
+    targets = g.placeholder("targets") if output == "loss" else None
+    out: dict[str, fx.Node] = {}  # IR node id -> the fx node holding its output
+    tables: dict[tuple, tuple[fx.Node, fx.Node]] = {}
+
+    def weight(n, i: int = 0) -> fx.Node:
+        p = n.params[i]
+        return g.get_attr(fx_name(p.tied_to or p.path))
+
+    def rope(hd: int, theta: float) -> tuple[fx.Node, fx.Node]:
+        key = (hd, theta)
+        if key not in tables:  # one (cos, sin) pair per distinct head width and base
+            name = f"rotary{len(tables)}"
+            cos, sin = rotary_tables(seq, hd, theta)
+            root.register_buffer(f"{name}_cos", cos.to(device), persistent=False)
+            root.register_buffer(f"{name}_sin", sin.to(device), persistent=False)
+            tables[key] = (g.get_attr(f"{name}_cos"), g.get_attr(f"{name}_sin"))
+        return tables[key]
+
+    for n in ir.nodes():
+        x = [out[i] for i in ir.inputs(n.id)]
+        a = n.attrs
+        if n.op is Op.EMBEDDING:
+            y = g.call_function(F.embedding, (tokens, weight(n)))
+        elif n.op is Op.RMSNORM:
+            y = g.call_function(rms_norm, (x[0], weight(n), a.eps))
+        elif n.op is Op.LINEAR:
+            y = g.call_function(F.linear, (x[0], weight(n)))
+            for update in x[1:]:  # adapters on this weight, in declaration order
+                y = g.call_function(operator.add, (y, update))
+        elif n.op is Op.LORA:
+            h = x[0]
+            if a.dropout:
+                mod = fx_name(n.id) + ".dropout"
+                _module(root, fx_name(n.id)).add_module("dropout", Dropout(a.dropout))
+                h = g.call_module(mod, (h,))
+            h = g.call_function(F.linear, (h, weight(n, 0)))  # (B, T, rank)
+            h = g.call_function(F.linear, (h, weight(n, 1)))  # (B, T, out)
+            y = g.call_function(operator.mul, (h, a.alpha / a.rank))
+        elif n.op is Op.ROTARY:
+            cos, sin = rope(a.head_dim, a.theta)
+            y = g.call_function(rotary, (x[0], cos, sin, a.heads))
+        elif n.op is Op.ATTENTION_CORE:
+            y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads))
+        elif n.op is Op.SWIGLU:
+            y = g.call_function(swiglu, (x[0], x[1]))
+        elif n.op is Op.RESIDUAL_ADD:
+            y = g.call_function(operator.add, (x[0], x[1]))
+        elif n.op is Op.LOSS:
+            if output == "logits":
+                g.output(x[0])
+                break
+            y = g.call_function(loss_sum, (x[0], targets))
+        else:
+            raise IRError(f"to_fx: no lowering for op {n.op.value} (node '{n.id}')")
+        y.name = re.sub(r"\W", "_", fx_name(n.id))  # fx keeps names unique by suffixing
+        out[n.id] = y
+    losses = [n for n in ir.nodes() if n.op is Op.LOSS]
+    if len(losses) != 1 or ir.outputs(losses[0].id):
+        raise IRError(f"to_fx: the IR must end in exactly one loss node, found {len(losses)}")
+    if output == "loss":
+        g.output(out[losses[0].id])
+    g.lint()
+    return fx.GraphModule(root, g, class_name="EffcGraph")

@@ -1,0 +1,48 @@
+"""Rotary position embedding (Su et al. 2021, arXiv:2104.09864), "rotate half" layout as in
+Llama checkpoints: within each head, channel i pairs with channel i + head_dim/2.
+
+Legend: x_BTD is (batch, seq, heads * head_dim); cos_TH and sin_TH are (seq, head_dim / 2).
+`rotary` saves no activation: backward rotates the gradient by -theta with the same
+constant tables. Bytes: reads x (N*D) and the tables, writes N*D.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotary_tables(seq: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta^(-2i/head_dim), each (seq, head_dim / 2), fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64), inv_freq)  # (T, hd/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _rotate(x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor, heads: int) -> torch.Tensor:
+    B, T, D = x_BTD.shape
+    x = x_BTD.view(B, T, heads, D // heads)  # (B, T, H, hd)
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, T, H, hd/2)
+    c, s = cos_TH[:T, None, :], sin_TH[:T, None, :]  # (T, 1, hd/2), broadcast over heads
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).view(B, T, D)
+
+
+def rotary_ref(x_BTD, cos_TH, sin_TH, heads: int):
+    return _rotate(x_BTD, cos_TH, sin_TH, heads)
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BTD, cos_TH, sin_TH, heads):
+        ctx.save_for_backward(cos_TH, sin_TH)  # constants, not activations
+        ctx.heads = heads
+        return _rotate(x_BTD, cos_TH, sin_TH, heads)
+
+    @staticmethod
+    def backward(ctx, g_BTD):
+        cos_TH, sin_TH = ctx.saved_tensors
+        # The rotation is orthogonal: its transpose is the rotation by -theta.
+        return _rotate(g_BTD.contiguous(), cos_TH, -sin_TH, ctx.heads), None, None, None
+
+
+def rotary(x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor, heads: int) -> torch.Tensor:
+    return _Rotary.apply(x_BTD, cos_TH, sin_TH, heads)

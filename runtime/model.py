@@ -1,0 +1,109 @@
+"""Models as the runtime holds them: a state (canonical path -> tensor) and the fx graph
+that computes with it.
+
+A model's state is a plain dict keyed by the IR's canonical param paths
+(`layers[0].attn.q.weight`); it is what stages hand each other, what snapshots keep and
+what checkpoints and exports store. `materialize` builds the IR's fx graph on the CPU
+and fills it from a state; params the state lacks (a fresh model, or an adapter added
+in this stage) are initialised from the seed and the param's path alone, so adding an
+adapter never changes how anything else is initialised.
+
+Initialisation (Llama/GPT-2 practice): embeddings and linear weights N(0, 0.02), the
+output projections of attention and MLP (`attn.o`, `mlp.down`) N(0, 0.02/sqrt(2 layers))
+so the residual stream does not grow with depth (Radford et al. 2019), norms 1.
+LoRA (Hu et al. 2021): B = 0 so training starts from the base model; A with
+init=kaiming is uniform(+-1/sqrt(in)), torch's default for a linear layer of that
+width, and with init=gaussian N(0, 1/rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.fx as fx
+
+from effc.compiler.ir import IR, Op, ParamRecord
+from effc.compiler.to_fx import fx_name, to_fx
+
+State = dict[str, torch.Tensor]
+
+
+def param_seed(seed: int, path: str) -> int:
+    """A 63-bit seed for one param: independent of every other param and of their order."""
+    digest = hashlib.sha256(f"{seed}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _init(p: ParamRecord, node, layers: int, seed: int, lora_init: dict) -> torch.Tensor:
+    g = torch.Generator().manual_seed(param_seed(seed, p.path))
+    t = torch.empty(p.shape, dtype=getattr(torch, p.dtype))
+    leaf = p.path.rsplit(".", 1)[-1]
+    if node.op is Op.RMSNORM:
+        return t.fill_(1.0)
+    if node.op is Op.LORA:
+        if leaf == "B":
+            return t.zero_()
+        if lora_init.get(node.id) == "gaussian":
+            return t.normal_(0.0, 1.0 / node.attrs.rank, generator=g)
+        bound = 1.0 / math.sqrt(p.shape[1])  # A is (rank, in)
+        return t.uniform_(-bound, bound, generator=g)
+    std = 0.02
+    if node.id.endswith((".attn.o", ".mlp.down")):
+        std /= math.sqrt(2 * max(layers, 1))
+    return t.normal_(0.0, std, generator=g)
+
+
+def materialize(ir: IR, seq: int, state: State, seed: int, lora_init: dict | None = None,
+                output: str = "loss") -> tuple[fx.GraphModule, list[str]]:
+    """The fx graph of `ir` with its params taken from `state` or initialised.
+
+    Returns the graph module and the paths it initialised. `lora_init` maps a LORA node
+    id to its `init` choice (default kaiming)."""
+    gm = to_fx(ir, seq, "cpu", output)
+    layers = sum(1 for n in ir.nodes() if n.op is Op.RESIDUAL_ADD) // 2
+    fresh = []
+    with torch.no_grad():
+        for n in ir.nodes():
+            for p in n.params:
+                if p.tied_to is not None:
+                    continue
+                target = gm.get_parameter(fx_name(p.path))
+                if p.path in state:
+                    src = state[p.path]
+                    if tuple(src.shape) != p.shape:
+                        raise ValueError(f"state has {p.path} of shape {tuple(src.shape)}, the IR says {p.shape}")
+                    target.copy_(src)
+                else:
+                    target.copy_(_init(p, n, layers, seed, lora_init or {}))
+                    fresh.append(p.path)
+    return gm, fresh
+
+
+def state_of(gm: fx.GraphModule, ir: IR) -> State:
+    """The params of a graph module by canonical path: detached copies, tied ones once."""
+    return {p.path: gm.get_parameter(fx_name(p.path)).detach().clone()
+            for p in ir.params() if p.tied_to is None}
+
+
+def trainable(gm: fx.GraphModule, ir: IR) -> list[tuple[str, torch.nn.Parameter]]:
+    """(canonical path, param) of every trainable param, in IR order."""
+    return [(p.path, gm.get_parameter(fx_name(p.path))) for p in ir.params()
+            if p.tied_to is None and p.trainable]
+
+
+def merged_state(ir: IR, state: State) -> State:
+    """Adapters folded into their base weights: W + (alpha/rank) B A for each LoRA, in
+    declaration order; the result has the base model's params only."""
+    out = {k: v.clone() for k, v in state.items()}
+    for n in ir.nodes():
+        if n.op is Op.LORA:
+            a = n.attrs
+            A, B = out.pop(f"{n.id}.A"), out.pop(f"{n.id}.B")
+            base = ir.node(a.target).params[0]
+            w = out.get(base.path)
+            if w is None:  # a tied weight with its own update is no longer tied
+                w = out[base.tied_to]
+            out[base.path] = w + (a.alpha / a.rank) * (B.double() @ A.double()).to(w.dtype)
+    return out

@@ -1,0 +1,420 @@
+"""`effc run`: execute a checked pipeline's stages in order, inside a run folder.
+
+    RUN/pipeline.eff            the source that ran, with the --set overrides on top
+    RUN/run.json                effc version, file, overrides, threads, status
+    RUN/metrics.jsonl           one JSON object a line: train steps and eval results
+    RUN/stages/NN_NAME/key      the stage's cache key (below)
+    RUN/stages/NN_NAME/train_K/ checkpoints of the stage's K-th train statement
+    RUN/stages/NN_NAME/models/M.safetensors   model M as the stage left it (M@NAME)
+    RUN/stages/NN_NAME/done.json              written last: the stage is complete
+
+A stage's key hashes everything its result depends on: effc's version, the previous
+stage's key, the stage's statements, the model/data/param/budget declarations with the
+overrides applied, the contents of the data files, and the seeds (they are statement
+options). A stage whose done.json holds its key is reused ("cached") without running;
+any other stage runs, so editing a later stage reruns only it and what follows.
+
+Nothing is written outside RUN except the export folders the file names; an existing
+export is replaced only with `force`. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from effc import __version__
+from effc.compiler.pipeline import model_ir, snapshot_until
+from effc.lang import ast
+from effc.lang.check import CheckResult, Ref, Step
+from effc.lang.diagnostics import Diagnostic, Span, error
+from effc.runtime import data as D
+from effc.runtime.checkpoint import (
+    CheckpointError, atomic_write_json, atomic_write_text, list_checkpoints, read_tensors, write_tensors,
+)
+from effc.runtime.evaluate import evaluate, similarity
+from effc.runtime.model import State, materialize, merged_state, state_of
+from effc.runtime.train import Hooks, Interrupted, TrainSpec, train
+
+EVAL_BATCH = 8
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out: Path
+    resume: bool = False
+    force: bool = False
+    threads: int | None = None
+
+
+class RunFailed(Exception):
+    """The run cannot go on; the diagnostics say why and where."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        super().__init__("; ".join(d.message for d in diagnostics))
+        self.diagnostics = diagnostics
+
+
+class Reporter:
+    """What the run tells a person; the CLI subclasses it with a progress bar."""
+
+    def stage(self, name: str, cached: bool) -> None: ...
+    def train_start(self, stage: str, model: str, steps: int, start: int) -> None: ...
+    def train_step(self, m: dict) -> None: ...
+    def train_end(self) -> None: ...
+    def line(self, text: str) -> None: ...
+
+
+@dataclass
+class Summary:
+    stages: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Stop:
+    """SIGTERM and Ctrl-C ask the training loop to checkpoint and stop; a second one
+    stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _code(line: str) -> str:
+    """A line without its comment (a `#` outside a string starts one)."""
+    quoted = False
+    for i, c in enumerate(line):
+        if c == '"' and (i == 0 or line[i - 1] != "\\"):
+            quoted = not quoted
+        elif c == "#" and not quoted:
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _text(source: str, span: Span) -> str:
+    """The item's source without comments and blank lines: what a cache key reads."""
+    lines = (_code(ln) for ln in source.splitlines()[span.line - 1: span.end_line])
+    return "\n".join(ln for ln in lines if ln.strip())
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Run:
+    def __init__(self, result: CheckResult, file: Path, opts: RunOptions, report: Reporter,
+                 overrides: dict[str, str]):
+        self.r, self.file, self.opts, self.rep = result, file, opts, report
+        self.base = file.resolve().parent
+        self.out = opts.out
+        self.overrides = overrides
+        self.states: dict[str, State] = {}
+        self.data: dict[str, D.Dataset] = {}
+        self.stage_dirs: dict[str, Path] = {}
+        self.stop = _Stop()
+        self.summary = Summary()
+        self.stage_items = {i.name.name: i for i in result.program.items if isinstance(i, ast.Stage)}
+
+    # ------------------------------------------------------------ helpers
+
+    def fail(self, code: str, message: str, span: Span, hint: str | None = None):
+        raise RunFailed([error(code, message, span, hint)])
+
+    def dataset(self, ref: Ref) -> D.Dataset:
+        info = self.r.data[ref.name]
+        if ref.name not in self.data:
+            try:
+                self.data[ref.name] = D.load_data(info.source, info.args, self.base)
+            except D.DataError as e:
+                self.fail("E0501", f"data '{ref.name}': {e.message}", info.span, e.hint)
+        return self.data[ref.name]
+
+    def split(self, ref: Ref) -> D.Split:
+        ds = self.dataset(ref)
+        return ds.validation if ref.split == "validation" else ds.train
+
+    def metric(self, record: dict) -> None:
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def lora_init(self, model: str) -> dict:
+        info = self.r.models[model]
+        return {f"{p}.lora{i}": u.args.get("init", "kaiming")
+                for i, u in enumerate(info.adapters) if u.technique == "lora" for p in u.paths}
+
+    def graph(self, model: str, until: Span | None, state: State, seed: int, output: str = "loss"):
+        ir, _ = model_ir(self.r, model, until)
+        seq = self.r.models[model].args["seq"]
+        gm, fresh = materialize(ir, seq, state, seed, self.lora_init(model), output)
+        return ir, gm, fresh
+
+    def snapshot(self, ref: Ref) -> tuple[State, Span | None]:
+        path = self.stage_dirs[ref.stage] / "models" / f"{ref.name}.safetensors"
+        return self._read(path), snapshot_until(self.r, ref.stage)
+
+    def _read(self, path: Path) -> State:
+        try:
+            return read_tensors(path)
+        except CheckpointError as e:
+            self.fail("E0503", e.message, Span(str(self.file), 1, 1, 1, 1), e.hint)
+
+    # ------------------------------------------------------------ keys and folders
+
+    def _declarations(self) -> str:
+        kinds = (ast.Param, ast.ModelDecl, ast.DataDecl, ast.Budget)
+        return "\n".join(_text(self.r.source, i.span) for i in self.r.program.items if isinstance(i, kinds))
+
+    def _data_digests(self) -> dict:
+        out = {}
+        for name, info in sorted(self.r.data.items()):
+            path = info.args.get("path")
+            if path:
+                p = (self.base / str(path))
+                out[name] = _file_digest(p) if p.is_file() else "missing"
+            elif info.source == "stdlib_text":
+                out[name] = sys.version
+        return out
+
+    def stage_key(self, index: int, prev: str) -> str:
+        stage = self.r.stages[index]
+        return _sha({"effc": __version__, "prev": prev, "stage": _text(self.r.source, self.stage_items[stage.name].span),
+                     "decls": self._declarations(), "params": self.r.params, "data": self._data_digests()})
+
+    # ------------------------------------------------------------ the run
+
+    def run(self) -> Summary:
+        t0 = time.perf_counter()
+        self.preflight()
+        self.out.mkdir(parents=True, exist_ok=True)
+        header = "".join(f"# --set {k}={v}\n" for k, v in self.overrides.items())
+        atomic_write_text(self.out / "pipeline.eff", header + self.r.source)
+        self._status("running")
+        self._repair_metrics()
+        prev = ""
+        with self.stop:
+            for i, stage in enumerate(self.r.stages):
+                prev = self.run_stage(i, prev)
+            for step in self.r.exports:
+                self.export(step, None)
+        self.summary.seconds = time.perf_counter() - t0
+        self._status("done")
+        return self.summary
+
+    def _status(self, status: str) -> None:
+        atomic_write_json(self.out / "run.json", {
+            "effc": __version__, "file": str(self.file), "overrides": self.overrides,
+            "threads": torch.get_num_threads(), "status": status})
+
+    def _repair_metrics(self) -> None:
+        """A kill can leave half a line at the end of metrics.jsonl: drop it."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8", "replace"))
+
+    def preflight(self) -> None:
+        """Refuse before anything runs: an export that would overwrite a folder."""
+        if self.opts.force:
+            return
+        steps = [s for st in self.r.stages for s in st.steps if s.kind == "export"] + list(self.r.exports)
+        for s in steps:
+            target = self.base / s.path
+            if target.exists():
+                self.fail("E0502", f"export folder '{s.path}' exists ({target})", s.span,
+                          "pass --force to replace it, or export to another path")
+
+    def run_stage(self, i: int, prev: str) -> str:
+        stage = self.r.stages[i]
+        folder = self.out / "stages" / f"{i:02d}_{stage.name}"
+        self.stage_dirs[stage.name] = folder
+        key = self.stage_key(i, prev)
+        done = folder / "done.json"
+        if done.is_file() and json.loads(done.read_text() or "{}").get("key") == key:
+            self.rep.stage(stage.name, cached=True)
+            for f in sorted((folder / "models").glob("*.safetensors")):
+                self.states[f.stem] = self._read(f)
+            self.summary.stages.append({"stage": stage.name, "cached": True})
+            return key
+        if folder.exists() and (folder / "key").is_file() and (folder / "key").read_text().strip() != key:
+            shutil.rmtree(folder)  # the stage changed: its old checkpoints no longer apply
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "key", key + "\n")
+        self.rep.stage(stage.name, cached=False)
+        t0 = time.perf_counter()
+        trains = 0
+        for step in stage.steps:
+            if step.kind == "train":
+                self.train(stage.name, step, folder / f"train_{trains}")
+                trains += 1
+            elif step.kind == "eval":
+                self.eval(stage.name, step)
+            elif step.kind == "export":
+                self.export(step, stage.name)
+        for done_train in folder.glob("train_*"):  # finished: its checkpoints are no longer needed
+            shutil.rmtree(done_train)
+        (folder / "models").mkdir(exist_ok=True)
+        for name, state in self.states.items():
+            write_tensors(folder / "models" / f"{name}.safetensors", state)
+        atomic_write_json(done, {"key": key, "seconds": time.perf_counter() - t0})
+        self.summary.stages.append({"stage": stage.name, "cached": False, "seconds": time.perf_counter() - t0})
+        return key
+
+    def train(self, stage: str, step: Step, ckpt: Path) -> None:
+        model = step.model.name
+        spec = TrainSpec.from_options(step.options)
+        ds = self.dataset(step.data)
+        ir, gm, fresh = self.graph(model, step.span, self.states.get(model, {}), spec.seed)
+        resume = self.opts.resume
+        if not resume and ckpt.exists():
+            self.rep.line(f"  found an interrupted train of '{model}': starting it over (--resume continues it)")
+            shutil.rmtree(ckpt)
+        start = (list_checkpoints(ckpt) or [0])[-1] if resume and ckpt.exists() else 0
+        self.rep.train_start(stage, model, spec.steps, start)
+
+        def on_step(m):
+            rec = {"kind": "train", "stage": stage, "model": model, **m}
+            self.metric(rec)
+            self.rep.train_step(rec)
+
+        def on_eval(m):
+            self.metric({"kind": "eval", "stage": stage, "model": model, "data": f"{step.data.name}.validation", **m})
+
+        hooks = Hooks(on_step, on_eval, lambda: self.stop.requested)
+        try:
+            res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH)
+        except Interrupted:
+            self.rep.train_end()
+            raise
+        except CheckpointError as e:
+            self.rep.train_end()
+            self.fail("E0503", e.message, step.span, e.hint)
+        self.rep.train_end()
+        self.states[model] = state_of(gm, ir)
+        self.summary.stages.append({"stage": stage, "train": model, "loss": res["loss"], "steps": spec.steps,
+                                    "tokens": res["tokens"], "seconds": res["seconds"]})
+
+    def eval(self, stage: str, step: Step) -> None:
+        model, o = step.model.name, step.options
+        split = self.split(step.data)
+        seq = self.dataset(step.data).seq
+        ir, gm, _ = self.graph(model, step.span, self.states.get(model, {}), 0)
+        rec = {"kind": "eval", "stage": stage, "model": model,
+               "data": f"{step.data.name}" + (f".{step.data.split}" if step.data.split else ""),
+               **evaluate(gm, split, seq, EVAL_BATCH, o["samples"])}
+        against = o.get("against")
+        if against is not None:
+            state, until = self.snapshot(against) if against.stage else (self.states.get(against.name, {}), step.span)
+            _, other, _ = self.graph(against.name, until, state, 0)
+            name = against.name + (f"@{against.stage}" if against.stage else "")
+            rec["against"] = {"model": name, **evaluate(other, split, seq, EVAL_BATCH, o["samples"])}
+            if "similarity" in o["metrics"]:
+                _, a, _ = self.graph(model, step.span, self.states.get(model, {}), 0, "logits")
+                _, b, _ = self.graph(against.name, until, state, 0, "logits")
+                rec["similarity"] = similarity(a, b, split, seq, EVAL_BATCH, o["samples"])
+        self.metric(rec)
+        self.summary.evals.append(rec)
+        self.rep.line(_eval_line(rec, o["metrics"]))
+
+    def export(self, step: Step, stage: str | None) -> None:
+        model = step.model.name
+        if step.model.stage:
+            state, until = self.snapshot(step.model)
+        else:
+            state, until = self.states.get(model, {}), (step.span if stage else None)
+        ir, gm, _ = self.graph(model, until, state, 0)
+        state = state_of(gm, ir)
+        info = self.r.models[model]
+        merge = step.options["merge_adapters"]
+        adapter_keys = {k for n in ir.nodes() if n.op.value == "lora" for k in (f"{n.id}.A", f"{n.id}.B")}
+        target = self.base / step.path
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=_mkdir(target.parent)))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
+        try:
+            if merge:
+                write_tensors(tmp / "model.safetensors", merged_state(ir, state))
+            else:
+                write_tensors(tmp / "model.safetensors", {k: v for k, v in state.items() if k not in adapter_keys})
+                if adapter_keys:
+                    write_tensors(tmp / "adapters.safetensors", {k: state[k] for k in sorted(adapter_keys)})
+            adapters = [{"node": n.id, "technique": "lora", "target": n.attrs.target, "rank": n.attrs.rank,
+                         "alpha": n.attrs.alpha, "dropout": n.attrs.dropout}
+                        for n in ir.nodes() if n.op.value == "lora"]
+            config = dict(info.args)
+            atomic_write_json(tmp / "effc.json", {
+                "format": "effc", "format_version": 1, "effc": __version__, "pipeline": self.r.program.name or self.file.stem,
+                "model": model, "family": info.family, "config": config, "merged": merge,
+                "adapters": [] if merge else adapters, "merged_adapters": adapters if merge else [],
+                "files": sorted(p.name for p in tmp.iterdir())})
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        self.summary.exports.append(str(target))
+        self.rep.line(f"  exported {model} to {step.path}" + (" (adapters merged)" if merge and adapters else ""))
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _eval_line(rec: dict, metrics: list) -> str:
+    parts = [f"loss {rec['loss']:.4f}"] + ([f"perplexity {rec['perplexity']:.2f}"] if "perplexity" in metrics else [])
+    text = f"  eval {rec['model']} on {rec['data']}: " + ", ".join(parts)
+    if "against" in rec:
+        a = rec["against"]
+        text += f"  | {a['model']}: loss {a['loss']:.4f}" + (f", perplexity {a['perplexity']:.2f}" if "perplexity" in metrics else "")
+    if "similarity" in rec:
+        text += f"  | similarity {rec['similarity']:.4f}"
+    return text
+
+
+def run_pipeline(result: CheckResult, file: Path, opts: RunOptions, report: Reporter | None = None,
+                 overrides: dict[str, str] | None = None) -> Summary:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    return _Run(result, file, opts, report or Reporter(), overrides or {}).run()

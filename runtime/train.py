@@ -1,0 +1,172 @@
+"""The training loop of a `train` statement: AdamW, a warm-up schedule, clipping,
+gradient accumulation, seeded, checkpointed, and resumable bit for bit.
+
+Exactness rests on three rules:
+- the batch of step s is a pure function of (data seed, s) (`data.batch`), so a resumed
+  run reads the same samples without any saved data-loader state;
+- dropout draws from `torch.manual_seed(step_seed(seed, s))` set at every step, so no
+  random-generator state needs saving;
+- a checkpoint holds every trainable param and AdamW's full state (step, both moments)
+  in safetensors, bit for bit; the learning rate is a function of s.
+At the same thread count, a run resumed from step s therefore computes the same floats as
+an uninterrupted one (tests/runtime/test_resume.py checks it, kills included).
+
+One optimizer step: `batch` sequences in `accumulate` micro-batches (sizes differ by at
+most one); each micro-batch's summed loss is divided by the step's total target count
+before backward, so the gradient is that of the mean loss over the whole batch.
+Structured so that later issues can change how a micro-batch is computed (activation
+checkpointing, precision, several processes) without touching the loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from effc.compiler.ir import IR
+from effc.runtime import data as D
+from effc.runtime.checkpoint import load_latest, save_checkpoint
+from effc.runtime.evaluate import evaluate
+from effc.runtime.model import trainable
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    steps: int
+    batch: int
+    accumulate: int
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    schedule: str  # constant | linear | cosine
+    warmup: int
+    clip: float | None
+    seed: int
+    checkpoint_every: int | None
+    eval_every: int | None
+
+    @staticmethod
+    def from_options(o: dict) -> "TrainSpec":
+        opt, sched = o["optimizer"], o["schedule"]
+        return TrainSpec(o["steps"], o["batch"], o["accumulate"], float(opt.args["lr"]),
+                         tuple(float(b) for b in opt.args["betas"]), float(opt.args["weight_decay"]),
+                         sched.name, int(sched.args.get("warmup", 0)), o["clip"], o["seed"],
+                         o["checkpoint_every"], o["eval_every"])
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGTERM, Ctrl-C) after writing a checkpoint."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def lr_at(s: int, spec: TrainSpec) -> float:
+    """Learning rate of step s (0-based): linear warm-up to lr over `warmup` steps, then
+    constant, or decay to zero (linear, or cosine as in SGDR) over the remaining steps."""
+    if s < spec.warmup:
+        return spec.lr * (s + 1) / spec.warmup
+    if spec.schedule == "constant":
+        return spec.lr
+    progress = (s - spec.warmup) / max(1, spec.steps - spec.warmup)
+    if spec.schedule == "linear":
+        return spec.lr * (1.0 - progress)
+    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_seed(seed: int, s: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"step:{seed}:{s}".encode()).digest()[:8], "little") >> 1
+
+
+def micro_sizes(batch: int, accumulate: int) -> list[int]:
+    base, extra = divmod(batch, accumulate)
+    return [base + (i < extra) for i in range(accumulate) if base + (i < extra) > 0]
+
+
+def _optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.AdamW:
+    # foreach=False: one code path on every machine, so a resumed run repeats the same arithmetic
+    return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
+                             foreach=False)
+
+
+def _save(root: Path, s: int, named, opt, meta: dict) -> Path:
+    tensors = {}
+    for path, p in named:
+        tensors[f"param/{path}"] = p.detach()
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"adam/{path}/{k}"] = v
+    return save_checkpoint(root, s, tensors, {**meta, "step": s})
+
+
+def _restore(ckpt, named, opt) -> None:
+    with torch.no_grad():
+        for path, p in named:
+            p.copy_(ckpt.tensors[f"param/{path}"])
+            state = {k: ckpt.tensors[f"adam/{path}/{k}"].clone() for k in ("step", "exp_avg", "exp_avg_sq")
+                     if f"adam/{path}/{k}" in ckpt.tensors}
+            if state:
+                opt.state[p] = state
+
+
+@dataclass
+class Hooks:
+    """How the loop reports: each callback gets a JSON-ready dict."""
+
+    on_step: Callable[[dict], None] = lambda m: None
+    on_eval: Callable[[dict], None] = lambda m: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+def train(gm: fx.GraphModule, ir: IR, data: D.Dataset, spec: TrainSpec, ckpt_root: Path,
+          resume: bool, hooks: Hooks, eval_batch: int = 8) -> dict:
+    """Train `gm` in place; returns the summary of the run (last loss, tokens, time)."""
+    named = trainable(gm, ir)
+    opt = _optimizer([p for _, p in named], spec)
+    start = 0
+    if resume and (ckpt := load_latest(ckpt_root)) is not None:
+        _restore(ckpt, named, opt)
+        start = ckpt.step
+    gm.train()
+    sizes = micro_sizes(spec.batch, spec.accumulate)
+    seq = data.seq
+    loss = float("nan")
+    tokens, t0 = 0, time.perf_counter()
+    for s in range(start, spec.steps):
+        torch.manual_seed(step_seed(spec.seed, s))
+        lr = lr_at(s, spec)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = D.batch(data.train, seq, s, spec.batch, spec.seed)
+        count = int((y != -100).sum())
+        total = torch.zeros((), dtype=torch.float64)
+        for xm, ym in zip(x.split(sizes), y.split(sizes)):
+            part = gm(xm, ym)
+            (part / max(count, 1)).backward()
+            total += part.detach().double()
+        if spec.clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], spec.clip, foreach=False)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = float(total) / max(count, 1)
+        tokens += x.numel()
+        elapsed = time.perf_counter() - t0
+        hooks.on_step({"step": s + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                       "elapsed_s": elapsed})
+        done = s + 1
+        if spec.eval_every and done % spec.eval_every == 0 and done < spec.steps:
+            hooks.on_eval({"step": done, **evaluate(gm, data.validation, seq, eval_batch)})
+            gm.train()
+        stop = hooks.should_stop() and done < spec.steps  # a finished run just finishes
+        if stop or (spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.steps):
+            path = _save(ckpt_root, done, named, opt, {"threads": torch.get_num_threads()})
+            if stop:
+                raise Interrupted(done, path)
+    return {"steps": spec.steps, "loss": loss, "tokens": tokens, "seconds": time.perf_counter() - t0}
