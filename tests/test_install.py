@@ -82,6 +82,8 @@ def test_non_editable_install_works_from_outside_the_checkout(tmp_path, outside)
     assert where["grammar"]
     example = outside / "quickstart.eff"
     shutil.copy2(ROOT / "examples" / "quickstart.eff", example)
+    (tmp_path / "docs").mkdir()  # the quickstart fine-tunes on ../docs/language.md
+    shutil.copy2(ROOT / "docs" / "language.md", tmp_path / "docs" / "language.md")
     r = subprocess.run([str(bin_dir / "effc"), "check", "quickstart.eff"], capture_output=True, text=True,
                        cwd=outside)
     assert r.returncode == 0, r.stderr

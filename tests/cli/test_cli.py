@@ -195,3 +195,25 @@ def test_build_into_an_unwritable_place_is_a_clear_error(tmp_path):
     r = runner.invoke(app, ["build", QUICKSTART, "-o", str(blocker / "build")])
     assert r.exit_code == 2 and "cannot write the build folder" in r.stderr
     assert blocker.read_text() == "not a folder"
+
+
+def test_build_of_a_70b_declaration_allocates_no_weight(tmp_path):
+    """effc build writes the fx graph of a Llama-3-70B-shaped step from the meta device:
+    the whole process's peak RSS stays far below the 280 GB its fp32 weights would take."""
+    src = tmp_path / "big.eff"
+    src.write_text("pipeline big\n"
+                   "model m = decoder(vocab=128256, dim=8192, layers=80, heads=64, kv_heads=8, ffn=28672, seq=8192)\n"
+                   "data d = markov(seq=8192)\nstage s:\n    adapt m.layers[*].attn.{q,v} with lora(rank=16)\n"
+                   "    train m on d (steps=1, batch=1)\n")
+    # Run the CLI in a child that reports its own peak resident set (VmHWM) at exit.
+    child = ("import sys\nfrom effc.cli import app\ntry:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint([ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0])\n"
+             "sys.exit(code)\n")
+    r = subprocess.run([sys.executable, "-c", child, "build", str(src), "-o", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    hwm_kib = int(r.stdout.split()[1])
+    assert hwm_kib < 2 * 2**20  # under 2 GiB
+    code = (tmp_path / "b" / "fx" / "00_s_m.py").read_text()
+    assert code.count("effc_kernels_attention_attention(") == 80
+    assert "layers, \"79\").attn.v.lora0.B" in code
