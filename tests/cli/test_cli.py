@@ -155,15 +155,15 @@ def test_build_writes_the_ir_and_cost_that_show_prints(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert "built 2 train step(s)" in r.stderr
     steps = json.loads((out / "build.json").read_text())["steps"]
-    assert [(s["stage"], s["model"], s["micro_batch"]) for s in steps] == [("pretrain", "tiny", 32), ("tune", "tiny", 8)]
-    # the tune step trains LoRA r=8 on q and v of 6 layers (256 -> 256): 6 * 2 * 8 * 512
-    assert steps[1]["cost"]["params_trainable"] == 49152 and steps[1]["passes"]["apply_lora"] > 0
+    assert [(s["stage"], s["model"], s["micro_batch"]) for s in steps] == [("pretrain", "tiny", 16), ("tune", "tiny", 16)]
+    # the tune step trains LoRA r=8 on q and v of 4 layers (192 -> 192): 4 * 2 * 8 * 384
+    assert steps[1]["cost"]["params_trainable"] == 24576 and steps[1]["passes"]["apply_lora"] > 0
     ir = IR.from_json((out / "ir" / "01_tune_tiny.json").read_text())
-    assert ir.node("layers[5].attn.v.lora0").params[1].shape == (256, 8)
+    assert ir.node("layers[3].attn.v.lora0").params[1].shape == (192, 8)
     shown = runner.invoke(app, ["show", str(out), "--ir", "--cost"])
     assert shown.exit_code == 0
     assert "# 01_tune_tiny" in shown.stdout and "layers[0].attn.q.lora0 = lora(" in shown.stdout
-    assert "params trainable" in shown.stdout and "49,152" in shown.stdout
+    assert "params trainable" in shown.stdout and "24,576" in shown.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no temporary folder left
 
 
