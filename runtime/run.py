@@ -41,7 +41,7 @@ from effc.lang.check import CheckResult, Ref, Step
 from effc.lang.diagnostics import Diagnostic, Span, error
 from effc.runtime import data as D
 from effc.runtime.checkpoint import (
-    CheckpointError, atomic_write_json, atomic_write_text, list_checkpoints, read_tensors, write_tensors,
+    CheckpointError, atomic_write_json, atomic_write_text, read_tensors, write_tensors,
 )
 from effc.runtime.evaluate import evaluate, similarity
 from effc.runtime.model import State, materialize, merged_state, state_of
@@ -304,8 +304,12 @@ class _Run:
         if not resume and ckpt.exists():
             self.rep.line(f"  found an interrupted train of '{model}': starting it over (--resume continues it)")
             shutil.rmtree(ckpt)
-        start = (list_checkpoints(ckpt) or [0])[-1] if resume and ckpt.exists() else 0
-        self.rep.train_start(stage, model, spec.steps, start)
+
+        def on_start(start: int, meta: dict):
+            self.rep.train_start(stage, model, spec.steps, start)
+            if start and meta.get("threads") not in (None, torch.get_num_threads()):
+                self.rep.line(f"  note: the checkpoint was written with {meta['threads']} threads, this run uses "
+                              f"{torch.get_num_threads()}: the curve continues, but not bit for bit")
 
         def on_step(m):
             rec = {"kind": "train", "stage": stage, "model": model, **m}
@@ -315,7 +319,7 @@ class _Run:
         def on_eval(m):
             self.metric({"kind": "eval", "stage": stage, "model": model, "data": f"{step.data.name}.validation", **m})
 
-        hooks = Hooks(on_step, on_eval, lambda: self.stop.requested)
+        hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
         try:
             res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH)
         except Interrupted:

@@ -120,6 +120,7 @@ def _restore(ckpt, named, opt) -> None:
 class Hooks:
     """How the loop reports: each callback gets a JSON-ready dict."""
 
+    on_start: Callable[[int, dict], None] = lambda step, meta: None  # resumed step (0: fresh), checkpoint meta
     on_step: Callable[[dict], None] = lambda m: None
     on_eval: Callable[[dict], None] = lambda m: None
     should_stop: Callable[[], bool] = lambda: False
@@ -130,10 +131,11 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset, spec: TrainSpec, ckpt_roo
     """Train `gm` in place; returns the summary of the run (last loss, tokens, time)."""
     named = trainable(gm, ir)
     opt = _optimizer([p for _, p in named], spec)
-    start = 0
+    start, meta = 0, {}
     if resume and (ckpt := load_latest(ckpt_root)) is not None:
         _restore(ckpt, named, opt)
-        start = ckpt.step
+        start, meta = ckpt.step, ckpt.meta
+    hooks.on_start(start, meta)
     gm.train()
     sizes = micro_sizes(spec.batch, spec.accumulate)
     seq = data.seq
