@@ -63,7 +63,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0405": ("data and model disagree", "The data produces token ids the model's vocabulary cannot hold (byte-level text needs vocab >= 256), or sequences longer than the model's seq."),
     "E0501": ("data cannot be read", "At run time a data file was missing, empty or malformed, or holds too few tokens for one sequence. The message names the file and line."),
     "E0502": ("export would overwrite", "An export folder already exists. effc never overwrites an export silently: pass --force, or choose another path."),
-    "E0503": ("run folder cannot be used", "The run folder or a checkpoint in it cannot be read or written (a permission problem, a full disk, or a corrupt checkpoint)."),
+    "E0503": ("files cannot be read or written", "The run folder, a checkpoint in it, or an export folder cannot be read or written (a permission problem, a full disk, or a corrupt checkpoint)."),
     # warnings
     "W0101": ("unused declaration", "A param, model or data declaration is never used."),
     # internal

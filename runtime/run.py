@@ -356,6 +356,13 @@ class _Run:
         self.rep.line(_eval_line(rec, o["metrics"]))
 
     def export(self, step: Step, stage: str | None) -> None:
+        try:
+            self._export(step, stage)
+        except OSError as e:
+            self.fail("E0503", f"cannot write the export folder '{step.path}': {e.strerror or e}", step.span,
+                      "check the folder's permissions and free space, or export to another path")
+
+    def _export(self, step: Step, stage: str | None) -> None:
         model = step.model.name
         if step.model.stage:
             state, until = self.snapshot(step.model)

@@ -257,3 +257,13 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path):
     for other in states[1:]:
         for k in states[0]:
             torch.testing.assert_close(other[k], states[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_an_unwritable_export_is_a_diagnostic_at_the_export_line(tmp_path):
+    f = write(tmp_path, pre_steps=1)
+    (tmp_path / "blocker").write_text("a file where the export's parent folder should be")
+    f.write_text(f.read_text().replace('export m to "out"', 'export m to "blocker/out"'))
+    r = effc("run", f, "-o", "run", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "p.eff:14:1: error[E0503]: cannot write the export folder 'blocker/out'" in r.stderr
+    assert "Traceback" not in r.stderr
