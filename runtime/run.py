@@ -337,7 +337,9 @@ class _Run:
         model, o = step.model.name, step.options
         split = self.split(step.data)
         seq = self.dataset(step.data).seq
-        ir, gm, _ = self.graph(model, step.span, self.states.get(model, {}), 0)
+        ir, gm, fresh = self.graph(model, step.span, self.states.get(model, {}), 0)
+        if fresh:  # first use: these weights are the model's from now on (and in its snapshot)
+            self.states[model] = state_of(gm, ir)
         rec = {"kind": "eval", "stage": stage, "model": model,
                "data": f"{step.data.name}" + (f".{step.data.split}" if step.data.split else ""),
                **evaluate(gm, split, seq, EVAL_BATCH, o["samples"])}
@@ -368,8 +370,10 @@ class _Run:
             state, until = self.snapshot(step.model)
         else:
             state, until = self.states.get(model, {}), (step.span if stage else None)
-        ir, gm, _ = self.graph(model, until, state, 0)
+        ir, gm, fresh = self.graph(model, until, state, 0)
         state = state_of(gm, ir)
+        if fresh and not step.model.stage:
+            self.states[model] = state
         info = self.r.models[model]
         merge = step.options["merge_adapters"]
         adapter_keys = {k for n in ir.nodes() if n.op.value == "lora" for k in (f"{n.id}.A", f"{n.id}.B")}
