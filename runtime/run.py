@@ -318,6 +318,7 @@ class _Run:
 
         def on_eval(m):
             self.metric({"kind": "eval", "stage": stage, "model": model, "data": f"{step.data.name}.validation", **m})
+            self.rep.line(f"  step {m['step']}: validation loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}")
 
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
         try:
