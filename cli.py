@@ -167,10 +167,11 @@ def show(
     ir: bool = typer.Option(False, "--ir", help="the IR of every train step"),
     fx: bool = typer.Option(False, "--fx", help="the torch.fx code of every train step"),
     cost: bool = typer.Option(False, "--cost", help="the cost table of every train step"),
+    report: bool = typer.Option(False, "--report", help="passes, fx calls, params and peak of every train step"),
     format: ShowFormat = typer.Option(ShowFormat.text, "--format",
                                       help="text, or the IR as Graphviz dot / svg (written next to the IR)"),
 ) -> None:
-    """Print what effc build wrote (the cost table by default)."""
+    """Print what effc build wrote (the report and the cost table by default)."""
     from effc.compiler.build import read_section, write_graphs
 
     if not (folder / "build.json").is_file():
@@ -186,7 +187,8 @@ def show(
                        err=True)
             raise typer.Exit(2)
         return
-    sections = (["ir"] if ir else []) + (["fx"] if fx else []) + (["cost"] if cost or not (ir or fx) else [])
+    chosen = [name for name, on in (("ir", ir), ("fx", fx), ("report", report), ("cost", cost)) if on]
+    sections = chosen or ["report", "cost"]
     typer.echo("\n".join(read_section(folder, s) for s in sections), nl=False)
 
 

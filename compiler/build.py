@@ -5,6 +5,8 @@
     DIR/ir/NN_STAGE_MODEL.txt    the same IR as a text dump, one line per node and param
     DIR/fx/NN_STAGE_MODEL.py     the torch.fx code the runtime executes for the step
     DIR/cost.txt              the cost table of every train step
+    DIR/report.txt            per step: the passes and their rewrites, the calls in the
+                              fx graph, trainable params and the predicted peak
 
 Files are written to a temporary folder that replaces DIR only when complete, so a
 crash never leaves a half-written build. The fx graph is built on the meta device: no
@@ -34,13 +36,29 @@ def _title(b: TrainBuild) -> str:
     return f"stage {b.stage}: train {b.step.model.name} (line {b.step.span.line}, micro-batch {b.micro_batch})"
 
 
-def _fx_code(b: TrainBuild) -> str:
+def _fx(b: TrainBuild) -> tuple[str, str]:
+    """The step's fx code, and a line counting the functions and modules the graph calls."""
+    from collections import Counter
+
     import torch
 
     from effc.compiler.to_fx import to_fx
 
     gm = to_fx(b.ir, b.cost.seq, device=torch.device("meta"))
-    return f"# {_title(b)}: forward(tokens, targets) -> summed cross-entropy\n" + gm.code.lstrip("\n")
+    calls = Counter(getattr(n.target, "__name__", str(n.target)) if n.op == "call_function"
+                    else type(gm.get_submodule(n.target)).__name__
+                    for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
+    ops = ", ".join(f"{name} x{k}" for name, k in sorted(calls.items()))
+    return f"# {_title(b)}: forward(tokens, targets) -> summed cross-entropy\n" + gm.code.lstrip("\n"), ops
+
+
+def _report(b: TrainBuild, ops: str) -> str:
+    passes = ", ".join(f"{name} {k}" for name, k in b.report.rewrites)
+    c = b.cost
+    return (f"# {_title(b)}\n"
+            f"passes (rewrites): {passes}\n"
+            f"fx calls: {ops}\n"
+            f"params: {c.params_trainable:,} trainable of {c.params_total:,}; predicted peak {c.peak_bytes / 2**20:.1f} MiB\n")
 
 
 def write_build(compiled: Compiled, out: Path) -> None:
@@ -50,18 +68,21 @@ def write_build(compiled: Compiled, out: Path) -> None:
     try:
         (tmp / "ir").mkdir()
         (tmp / "fx").mkdir()
-        entries, tables = [], []
+        entries, tables, reports = [], [], []
         for i, b in enumerate(compiled.builds):
             name = _name(i, b)
             (tmp / "ir" / f"{name}.json").write_text(b.ir.to_json(), encoding="utf-8")
             (tmp / "ir" / f"{name}.txt").write_text(dump(b.ir), encoding="utf-8")
-            (tmp / "fx" / f"{name}.py").write_text(_fx_code(b), encoding="utf-8")
+            code, ops = _fx(b)
+            (tmp / "fx" / f"{name}.py").write_text(code, encoding="utf-8")
+            reports.append(_report(b, ops))
             entries.append({"name": name, "stage": b.stage, "model": b.step.model.name,
                             "line": b.step.span.line, "micro_batch": b.micro_batch,
                             "passes": dict(b.report.rewrites), "cost": dataclasses.asdict(b.cost)})
             tables.append(f"# {_title(b)}\n{format_cost(b.cost)}")
         (tmp / "build.json").write_text(json.dumps({"steps": entries}, indent=1), encoding="utf-8")
         (tmp / "cost.txt").write_text("\n\n".join(tables) + "\n", encoding="utf-8")
+        (tmp / "report.txt").write_text("\n".join(reports), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -72,10 +93,10 @@ def write_build(compiled: Compiled, out: Path) -> None:
 
 def read_section(out: Path, section: str) -> str:
     """The text `effc show` prints: section "ir" (every IR dump), "fx" (every fx graph's
-    code) or "cost"."""
+    code), "cost" or "report"."""
     out = Path(out)
-    if section == "cost":
-        return (out / "cost.txt").read_text(encoding="utf-8")
+    if section in ("cost", "report"):
+        return (out / f"{section}.txt").read_text(encoding="utf-8")
     folder, ext = {"ir": ("ir", "*.txt"), "fx": ("fx", "*.py")}[section]
     parts = [f"# {p.stem}\n{p.read_text(encoding='utf-8')}" for p in sorted((out / folder).glob(ext))]
     return "\n".join(parts)
