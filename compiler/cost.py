@@ -28,10 +28,15 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
   activations: the loss, the gradients of the log-probabilities and of the logits
   (2 * vocab per token); SwiGLU, its output gradient, a sigmoid and its two input
   gradients (4 * ffn); any other op, its output and input gradients;
-- peak = weights + gradients + optimizer + activations + transient. Gradients fill up
-  while activations are freed, so this sum is an upper bound: measured against a
-  tensor-level tracker (tests/runtime/test_memory.py) it is within a few percent for
-  adapter training and up to ~20% high for full training.
+  RMSNorm, its output gradient, that times w, x * rstd and their product (4 * dim);
+- forward: at each op, what was saved so far, every output still waiting for a consumer
+  (the residual stream, q/k/v before attention), the op's output and its temporaries
+  (repeated k and v and a logsumexp in attention; one more output-sized tensor in
+  SwiGLU, RMSNorm, LoRA and a linear with adapters); the worst op counts;
+- peak = weights + optimizer + max(gradients + activations + transient, forward).
+  Gradients fill up while activations are freed, so the backward term is an upper
+  bound: measured against a tensor-level tracker (tests/runtime/test_memory.py) it is
+  within a few percent for adapter training and up to ~25% high for full training.
 
 FLOPs per token, with N = elements of the weights of matmul ops (LINEAR and LORA; a tied
 head's matrix counts, since it is multiplied even though it is stored once) and the
@@ -90,16 +95,18 @@ def _requires_grad(ir: IR) -> dict[str, bool]:
     return rg
 
 
-def _saved_bytes_per_token(ir: IR, rg: dict[str, bool]) -> int:
-    """Bytes per token saved for backward; see the module docstring for each op."""
-    shared: set[str] = set()  # ids whose output tensor is saved (counted once)
-    extra = 0  # bytes of tensors private to one node
+def _saved(ir: IR, rg: dict[str, bool]) -> list[tuple[str, set[str], int]]:
+    """Per node in topological order: (id, ids of the tensors it saves that others may
+    save too, bytes of tensors private to it); see the module docstring for each op."""
+    out = []
     for n in ir.nodes():
-        if not rg[n.id]:
-            continue
+        shared: set[str] = set()
+        extra = 0
         ins = ir.inputs(n.id)
         trainable = any(p.trainable for p in n.params)
-        if n.op is Op.EMBEDDING and trainable:
+        if not rg[n.id]:
+            pass
+        elif n.op is Op.EMBEDDING and trainable:
             extra += ID_BYTES
         elif n.op is Op.RMSNORM:
             shared.add(ins[0])
@@ -126,7 +133,42 @@ def _saved_bytes_per_token(ir: IR, rg: dict[str, bool]) -> int:
             shared.update(ins)
         elif n.op is Op.LOSS:
             extra += _width(ir.node(ins[0])) * 4  # the log-probabilities
-    return extra + sum(_width(ir.node(i)) * 4 for i in shared)
+        out.append((n.id, shared, extra))
+    return out
+
+
+def _saved_bytes_per_token(ir: IR, rg: dict[str, bool]) -> int:
+    saved = _saved(ir, rg)
+    shared = set().union(*(s for _, s, _ in saved))
+    return sum(e for _, _, e in saved) + sum(_width(ir.node(i)) * 4 for i in shared)
+
+
+def _forward_temporaries(ir: IR, n: Node) -> int:
+    """Floats per token an op allocates in forward besides its output."""
+    if n.op is Op.ATTENTION_CORE:
+        a = n.attrs
+        copies = 2 * a.heads * a.head_dim if a.kv_heads != a.heads else 0  # repeated k and v
+        return copies + a.heads  # and the logsumexp
+    if n.op in (Op.SWIGLU, Op.RMSNORM, Op.LORA) or (n.op is Op.LINEAR and len(ir.inputs(n.id)) > 1):
+        return _width(n)  # silu(gate); x * rstd; B(Ax) before scaling; x W^T before adding adapters
+    return 0
+
+
+def _forward_peak_per_token(ir: IR, rg: dict[str, bool]) -> int:
+    """Bytes per token live at the worst moment of forward: what was saved so far, every
+    output still waiting for a consumer (the residual stream), and the op's own output
+    and temporaries."""
+    nodes = ir.nodes()
+    index = {n.id: i for i, n in enumerate(nodes)}
+    last_use = {n.id: max((index[c] for c in ir.outputs(n.id)), default=index[n.id]) for n in nodes}
+    saved_ids: set[str] = set()
+    extra, worst = 0, 0
+    for i, ((id, shared, e), n) in enumerate(zip(_saved(ir, rg), nodes)):
+        saved_ids |= shared
+        extra += e
+        live = {m.id for m in nodes[: i + 1] if last_use[m.id] >= i} | saved_ids
+        worst = max(worst, extra + 4 * (sum(_width(ir.node(j)) for j in live) + _forward_temporaries(ir, n)))
+    return worst
 
 
 def _transient_per_token(ir: IR, rg: dict[str, bool]) -> int:
@@ -140,6 +182,8 @@ def _transient_per_token(ir: IR, rg: dict[str, bool]) -> int:
             t = 2 * _width(ir.node(ir.inputs(n.id)[0]))  # grads of the log-probs and the logits
         elif n.op is Op.SWIGLU:
             t = 4 * _width(n)  # output grad, sigmoid, and the two input grads
+        elif n.op is Op.RMSNORM:
+            t = 4 * _width(n)  # output grad, its product with w, x * rstd, and their product
         else:
             t = _width(n) + sum(_width(ir.node(i)) for i in ir.inputs(n.id))  # output and input grads
         worst = max(worst, t)
@@ -180,10 +224,13 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     tokens = batch * seq
     acts = tokens * _saved_bytes_per_token(ir, rg)
     transient = tokens * _transient_per_token(ir, rg)
+    forward = tokens * _forward_peak_per_token(ir, rg)
     fwd, train = _flops(ir, rg, seq)
+    # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
+    peak = weights + opt + max(grads + acts + transient, forward)
     return Cost(batch, seq, sum(p.numel for p in stored), sum(p.numel for p in trainable),
                 tuple(sorted(roles.items())), weights, grads, opt, acts, transient,
-                weights + grads + opt + acts + transient, fwd, train)
+                peak, fwd, train)
 
 
 def _size(n: int) -> str:
