@@ -226,11 +226,18 @@ class _Run:
         self._status("running")
         self._repair_metrics()
         prev = ""
-        with self.stop:
-            for i, stage in enumerate(self.r.stages):
-                prev = self.run_stage(i, prev)
-            for step in self.r.exports:
-                self.export(step, None)
+        try:
+            with self.stop:
+                for i, stage in enumerate(self.r.stages):
+                    prev = self.run_stage(i, prev)
+                for step in self.r.exports:
+                    self.export(step, None)
+        except Interrupted:
+            self._status("interrupted")
+            raise
+        except RunFailed:
+            self._status("failed")
+            raise
         self.summary.seconds = time.perf_counter() - t0
         self._status("done")
         return self.summary
