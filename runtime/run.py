@@ -401,6 +401,8 @@ class _Run:
                          "alpha": n.attrs.alpha, "dropout": n.attrs.dropout}
                         for n in ir.nodes() if n.op.value == "lora"]
             config = dict(info.args)
+            if merge and any(ir.node(a["target"]).params[0].tied_to for a in adapters):
+                config["tied"] = False  # the head got its own update: it is stored as its own tensor
             atomic_write_json(tmp / "effc.json", {
                 "format": "effc", "format_version": 1, "effc": __version__, "pipeline": self.r.program.name or self.file.stem,
                 "model": model, "family": info.family, "config": config, "merged": merge,

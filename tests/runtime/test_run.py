@@ -267,3 +267,23 @@ def test_an_unwritable_export_is_a_diagnostic_at_the_export_line(tmp_path):
     assert r.returncode == 1
     assert "p.eff:14:1: error[E0503]: cannot write the export folder 'blocker/out'" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_merging_lora_into_a_tied_head_unties_it(tmp_path):
+    from safetensors.torch import load_file
+
+    (tmp_path / "p.eff").write_text(
+        "pipeline t\nmodel m = decoder(vocab=16, dim=16, layers=1, heads=2, ffn=16, seq=8, tied=true)\n"
+        "data d = markov(seq=8, vocab=16)\nstage s:\n    adapt m.head with lora(rank=2)\n"
+        "    train m on d (steps=2, batch=2, optimizer=adamw(lr=0.1))\n"
+        'export m to "out" (merge_adapters=true)\n')
+    r = effc("run", "p.eff", "-o", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "out/effc.json").read_text())
+    assert meta["config"]["tied"] is False
+    out = load_file(tmp_path / "out/model.safetensors")
+    snap = load_file(tmp_path / "run/stages/00_s/models/m.safetensors")
+    assert "head.weight" not in snap  # tied: stored once, as the embedding
+    want = snap["embed.weight"] + (2 / 2) * snap["head.lora0.B"] @ snap["head.lora0.A"]
+    torch.testing.assert_close(out["head.weight"], want, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(out["head.weight"], out["embed.weight"])
