@@ -20,6 +20,7 @@ export is replaced only with `force`. Every file is written atomically.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -195,11 +196,14 @@ class _Run:
 
     # ------------------------------------------------------------ keys and folders
 
+    @functools.cached_property
     def _declarations(self) -> str:
         kinds = (ast.Param, ast.ModelDecl, ast.DataDecl, ast.Budget)
         return "\n".join(_text(self.r.source, i.span) for i in self.r.program.items if isinstance(i, kinds))
 
+    @functools.cached_property
     def _data_digests(self) -> dict:
+        """Read once per run: every stage's key includes them."""
         out = {}
         for name, info in sorted(self.r.data.items()):
             path = info.args.get("path")
@@ -213,7 +217,7 @@ class _Run:
     def stage_key(self, index: int, prev: str) -> str:
         stage = self.r.stages[index]
         return _sha({"effc": __version__, "prev": prev, "stage": _text(self.r.source, self.stage_items[stage.name].span),
-                     "decls": self._declarations(), "params": self.r.params, "data": self._data_digests()})
+                     "decls": self._declarations, "params": self.r.params, "data": self._data_digests})
 
     # ------------------------------------------------------------ the run
 
@@ -272,7 +276,7 @@ class _Run:
         self.stage_dirs[stage.name] = folder
         key = self.stage_key(i, prev)
         done = folder / "done.json"
-        if done.is_file() and json.loads(done.read_text() or "{}").get("key") == key:
+        if _done_key(done) == key:
             self.rep.stage(stage.name, cached=True)
             for f in sorted((folder / "models").glob("*.safetensors")):
                 self.states[f.stem] = self._read(f)
@@ -420,6 +424,14 @@ class _Run:
                 shutil.rmtree(tmp)
         self.summary.exports.append(str(target))
         self.rep.line(f"  exported {model} to {step.path}" + (" (adapters merged)" if merge and adapters else ""))
+
+
+def _done_key(done: Path) -> str | None:
+    """The key a completed stage recorded; None if it never completed (or the file is damaged)."""
+    try:
+        return json.loads(done.read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _mkdir(p: Path) -> Path:

@@ -287,3 +287,13 @@ def test_merging_lora_into_a_tied_head_unties_it(tmp_path):
     want = snap["embed.weight"] + (2 / 2) * snap["head.lora0.B"] @ snap["head.lora0.A"]
     torch.testing.assert_close(out["head.weight"], want, rtol=1e-6, atol=1e-7)
     assert not torch.equal(out["head.weight"], out["embed.weight"])
+
+
+def test_a_damaged_stage_record_reruns_the_stage(tmp_path):
+    f = write(tmp_path, pre_steps=1)
+    assert effc("run", f, "-o", "run", cwd=tmp_path).returncode == 0
+    (tmp_path / "run/stages/00_pre/done.json").write_text("{not json")
+    r = effc("run", f, "-o", "run", "--force", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "stage pre: cached" not in r.stderr and "stage tune: cached" not in r.stderr
+    assert json.loads((tmp_path / "run/stages/00_pre/done.json").read_text())["key"]
