@@ -31,7 +31,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -334,13 +333,10 @@ class _Run:
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
         try:
             res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH)
-        except Interrupted:
-            self.rep.train_end()
-            raise
         except CheckpointError as e:
-            self.rep.train_end()
             self.fail("E0503", e.message, step.span, e.hint)
-        self.rep.train_end()
+        finally:
+            self.rep.train_end()
         self.states[model] = state_of(gm, ir)
         self.summary.stages.append({"stage": stage, "train": model, "loss": res["loss"], "steps": spec.steps,
                                     "tokens": res["tokens"], "seconds": res["seconds"]})
