@@ -12,7 +12,10 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
   (a trainable param at or upstream of them, as autograd decides) save anything, and a
   tensor saved by several consumers (the norm output read by q, k, v) is counted once:
   - EMBEDDING: the token ids (int64) when its weight is trainable;
-  - RMSNORM: its input x (dim) and the reciprocal rms (1 element);
+  - RMSNORM: its input x (dim) and the reciprocal rms (1 element); LAYERNORM: its input
+    and the mean and reciprocal standard deviation (2 elements);
+  - POSITION (learned positions and token types): nothing (the table's gradient is the
+    output gradient, gathered by position); GELU: its input (ffn);
   - LINEAR: its input (in_features) when its weight is trainable (the input gradient
     needs only W);
   - LORA: its input (in_features; with dropout, the dropped copy, plus a 1-byte mask
@@ -54,7 +57,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from effc.compiler.ir import IR, MATMULS, Node, Op, ParamRecord
+from effc.compiler.ir import IR, MATMULS, NORMS, Node, Op, ParamRecord
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_STATES = {"adamw": 2}  # fp32 moments per trainable element
@@ -111,6 +114,11 @@ def _saved(ir: IR, rg: dict[str, bool]) -> list[tuple[str, set[str], int]]:
         elif n.op is Op.RMSNORM:
             shared.add(ins[0])
             extra += 4
+        elif n.op is Op.LAYERNORM:
+            shared.add(ins[0])
+            extra += 8  # mean and reciprocal standard deviation
+        elif n.op is Op.GELU:
+            shared.add(ins[0])
         elif n.op is Op.LINEAR and trainable:
             shared.add(ins[0])
         elif n.op is Op.LORA:
@@ -182,7 +190,7 @@ def _transient_per_token(ir: IR, rg: dict[str, bool]) -> int:
             t = 2 * _width(ir.node(ir.inputs(n.id)[0]))  # grads of the log-probs and the logits
         elif n.op is Op.SWIGLU:
             t = 4 * _width(n)  # output grad, sigmoid, and the two input grads
-        elif n.op is Op.RMSNORM:
+        elif n.op in NORMS:
             t = 4 * _width(n)  # output grad, its product with w, x * rstd, and their product
         else:
             t = _width(n) + sum(_width(ir.node(i)) for i in ir.inputs(n.id))  # output and input grads
@@ -190,18 +198,19 @@ def _transient_per_token(ir: IR, rg: dict[str, bool]) -> int:
     return 4 * worst
 
 
-def _matmul_elems(n: Node) -> int:
-    return sum(p.numel for p in n.params)
+def _matrices(n: Node) -> list[ParamRecord]:
+    """The matrices a matmul op multiplies by (its bias adds O(out) per token, not counted)."""
+    return [p for p in n.params if len(p.shape) == 2]
 
 
 def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
     fwd = bwd = 0
     for n in ir.nodes():
         if n.op in MATMULS:
-            w = _matmul_elems(n)
+            w = sum(p.numel for p in _matrices(n))
             fwd += 2 * w
             bwd += 2 * w * rg[ir.inputs(n.id)[0]]  # the input gradient
-            bwd += 2 * sum(p.numel for p in n.params if p.trainable)  # the weight gradient
+            bwd += 2 * sum(p.numel for p in _matrices(n) if p.trainable)  # the weight gradient
         elif n.op is Op.ATTENTION_CORE:
             d = n.attrs.heads * n.attrs.head_dim
             fwd += 4 * seq * d

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Iterable, Union
 
 import networkx as nx
@@ -25,17 +25,23 @@ from effc.lang.diagnostics import Span
 
 class Op(enum.Enum):
     EMBEDDING = "embedding"
+    POSITION = "position"  # x + a learned table's row per position (or row 0: token types)
     RMSNORM = "rmsnorm"
+    LAYERNORM = "layernorm"
     LINEAR = "linear"
     ROTARY = "rotary"
     ATTENTION_CORE = "attention_core"
     SWIGLU = "swiglu"
+    GELU = "gelu"
     RESIDUAL_ADD = "residual_add"
     LORA = "lora"
     LOSS = "loss"
+    POOL = "pool"  # mean over the sequence's real tokens: an encoder's sentence embedding
 
 
-PARAMETRIC = frozenset({Op.EMBEDDING, Op.RMSNORM, Op.LINEAR, Op.LORA})
+PARAMETRIC = frozenset({Op.EMBEDDING, Op.POSITION, Op.RMSNORM, Op.LAYERNORM, Op.LINEAR, Op.LORA})
+NORMS = frozenset({Op.RMSNORM, Op.LAYERNORM})
+OUTPUTS = frozenset({Op.LOSS, Op.POOL})  # what a graph ends in
 ADAPTERS = frozenset({Op.LORA})
 MATMULS = frozenset({Op.LINEAR, Op.LORA})  # the ops whose FLOPs are 2 * weight elements per token
 
@@ -79,6 +85,13 @@ class EmbeddingAttrs:
 
 
 @dataclass(frozen=True)
+class PositionAttrs:
+    rows: int
+    dim: int
+    kind: str  # "position": row t for the token at position t; "type": row 0 for every token
+
+
+@dataclass(frozen=True)
 class NormAttrs:
     dim: int
     eps: float
@@ -88,6 +101,7 @@ class NormAttrs:
 class LinearAttrs:
     in_features: int
     out_features: int
+    bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,12 @@ class RotaryAttrs:
     heads: int  # heads of the rotated tensor (query heads for q, key/value heads for k)
     head_dim: int
     theta: float
+    # frequency rescaling (effc.lang.tree.RopeScaling): "none" | "linear" | "llama3"
+    scaling: str = "none"
+    factor: float = 1.0
+    low_freq: float = 1.0
+    high_freq: float = 4.0
+    original_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +122,18 @@ class AttentionAttrs:
     heads: int
     kv_heads: int
     head_dim: int
+    causal: bool = True
+
+
+@dataclass(frozen=True)
+class GeluAttrs:
+    dim: int
+    approximate: str  # "none" (erf, BERT) | "tanh" (GPT-2's gelu_new)
+
+
+@dataclass(frozen=True)
+class PoolAttrs:
+    dim: int
 
 
 @dataclass(frozen=True)
@@ -128,9 +160,10 @@ class LossAttrs:
 
 
 ATTRS = {
-    Op.EMBEDDING: EmbeddingAttrs, Op.RMSNORM: NormAttrs, Op.LINEAR: LinearAttrs,
-    Op.ROTARY: RotaryAttrs, Op.ATTENTION_CORE: AttentionAttrs, Op.SWIGLU: SwigluAttrs,
-    Op.RESIDUAL_ADD: ResidualAttrs, Op.LORA: LoraAttrs, Op.LOSS: LossAttrs,
+    Op.EMBEDDING: EmbeddingAttrs, Op.POSITION: PositionAttrs, Op.RMSNORM: NormAttrs,
+    Op.LAYERNORM: NormAttrs, Op.LINEAR: LinearAttrs, Op.ROTARY: RotaryAttrs,
+    Op.ATTENTION_CORE: AttentionAttrs, Op.SWIGLU: SwigluAttrs, Op.GELU: GeluAttrs,
+    Op.RESIDUAL_ADD: ResidualAttrs, Op.LORA: LoraAttrs, Op.LOSS: LossAttrs, Op.POOL: PoolAttrs,
 }
 
 
@@ -258,7 +291,10 @@ def _node_from_dict(d: dict) -> Node:
 
 
 def _fmt_attrs(attrs: object) -> str:
-    return " ".join(f"{f.name}={getattr(attrs, f.name)}" for f in fields(attrs))
+    """Every attribute without a default, and those with one where they differ from it
+    (a linear's `bias=True`, a rotary's scaling), so dumps say what is special."""
+    return " ".join(f"{f.name}={getattr(attrs, f.name)}" for f in fields(attrs)
+                    if f.default is MISSING or getattr(attrs, f.name) != f.default)
 
 
 def _fmt_shape(shape: tuple) -> str:

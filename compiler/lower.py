@@ -1,87 +1,130 @@
 """Lowering: a checked model declaration -> IR.
 
-Only the built-in `decoder` family lands here (Llama-style: RMSNorm, rotary positions,
-SwiGLU MLP, grouped-query attention, tied or untied head). Parametric node ids are the
-canonical paths of `effc.lang.tree.decoder_tree`, so a selector the checker accepted
-names exactly the IR nodes a pass rewrites. Nothing here allocates a weight: a param is a
-record of its shape.
+Every model family describes its architecture as an `effc.lang.tree.Arch` (the built-in
+`decoder`, and the Llama, GPT-2 and BERT families of `hf(...)`), and one lowering turns
+an Arch into the IR: token embedding (plus learned positions and token types where the
+family has them), pre- or post-norm blocks of attention (rotary or not, causal or not,
+grouped-query) and an MLP (SwiGLU or GELU), then a head over the vocabulary and the loss,
+or, for an encoder, mean pooling. Parametric node ids are the canonical paths of
+`effc.lang.tree.arch_tree`, so a selector the checker accepted names exactly the IR nodes
+a pass rewrites. Nothing here allocates a weight: a param is a record of its shape.
 """
 
 from __future__ import annotations
 
 from effc.compiler.ir import (
-    BATCH, IR, SEQ, AttentionAttrs, EmbeddingAttrs, IRError, LinearAttrs, LossAttrs, Node, NormAttrs,
-    Op, ParamRecord, ResidualAttrs, RotaryAttrs, SwigluAttrs,
+    BATCH, IR, SEQ, AttentionAttrs, EmbeddingAttrs, GeluAttrs, IRError, LinearAttrs, LossAttrs, Node,
+    NormAttrs, Op, ParamRecord, PoolAttrs, PositionAttrs, ResidualAttrs, RotaryAttrs, SwigluAttrs,
 )
 from effc.lang.check import ModelInfo
 from effc.lang.diagnostics import Span
+from effc.lang.tree import Arch
 
 
 class _Builder:
     """Collects nodes and edges in program order; each helper returns the new node's id."""
 
-    def __init__(self, span: Span):
+    def __init__(self, span: Span, arch: Arch):
         self.span = span
+        self.a = arch
         self.nodes: list[Node] = []
         self.edges: list[tuple[str, str, int]] = []
 
-    def add(self, id: str, op: Op, attrs, inputs: list[str], width: int | None,
+    def add(self, id: str, op: Op, attrs, inputs: list[str], shape: tuple,
             params: tuple[ParamRecord, ...] = ()) -> str:
-        shape = (BATCH, SEQ, width) if width is not None else ()  # the loss is a scalar
         self.nodes.append(Node(id, op, attrs, params, self.span, shape))
         self.edges.extend((src, id, port) for port, src in enumerate(inputs))
         return id
 
-    def linear(self, path: str, x: str, i: int, o: int, role: str) -> str:
-        w = ParamRecord(f"{path}.weight", (o, i), role)  # (out, in), as torch stores it
-        return self.add(path, Op.LINEAR, LinearAttrs(i, o), [x], o, (w,))
+    def act(self, id: str, op: Op, attrs, inputs: list[str], width: int,
+            params: tuple[ParamRecord, ...] = ()) -> str:
+        return self.add(id, op, attrs, inputs, (BATCH, SEQ, width), params)
 
-    def norm(self, path: str, x: str, dim: int, eps: float) -> str:
-        w = ParamRecord(f"{path}.weight", (dim,), "norm")
-        return self.add(path, Op.RMSNORM, NormAttrs(dim, eps), [x], dim, (w,))
+    def linear(self, path: str, x: str, i: int, o: int, role: str, bias: bool) -> str:
+        params = (ParamRecord(f"{path}.weight", (o, i), role),)  # (out, in), as torch stores it
+        if bias:
+            params += (ParamRecord(f"{path}.bias", (o,), role),)
+        return self.act(path, Op.LINEAR, LinearAttrs(i, o, bias), [x], o, params)
+
+    def norm(self, path: str, x: str) -> str:
+        a = self.a
+        params = (ParamRecord(f"{path}.weight", (a.dim,), "norm"),)
+        if a.norm == "layer":
+            params += (ParamRecord(f"{path}.bias", (a.dim,), "norm"),)
+        op = Op.LAYERNORM if a.norm == "layer" else Op.RMSNORM
+        return self.act(path, op, NormAttrs(a.dim, a.norm_eps), [x], a.dim, params)
 
 
 def lower_model(info: ModelInfo) -> IR:
-    if info.family != "decoder":
-        raise IRError(f"cannot lower model family {info.family!r}: only 'decoder' has landed")
-    return _lower_decoder(info.args, info.span)
+    if info.arch is None:
+        raise IRError(f"cannot lower model '{info.name}': family {info.family!r} has no architecture")
+    return lower_arch(info.arch, info.span)
 
 
-def _lower_decoder(a: dict, span: Span) -> IR:
-    dim, vocab, ffn, eps = a["dim"], a["vocab"], a["ffn"], a["norm_eps"]
-    heads = a["heads"]
-    kv_heads = a.get("kv_heads") or heads  # None means plain multi-head attention
-    hd = dim // heads
-    b = _Builder(span)
-    x = b.add("embed", Op.EMBEDDING, EmbeddingAttrs(vocab, dim), [], dim,
-              (ParamRecord("embed.weight", (vocab, dim), "embedding"),))
-    for i in range(a["layers"]):
-        x = _block(b, f"layers[{i}]", x, dim, ffn, heads, kv_heads, hd, eps, a["rope_theta"])
-    x = b.norm("norm", x, dim, eps)
+def lower_arch(a: Arch, span: Span) -> IR:
+    b = _Builder(span, a)
+    x = b.act("embed", Op.EMBEDDING, EmbeddingAttrs(a.vocab, a.dim), [], a.dim,
+              (ParamRecord("embed.weight", (a.vocab, a.dim), "embedding"),))
+    if a.positions == "learned":
+        x = b.act("pos_embed", Op.POSITION, PositionAttrs(a.seq, a.dim, "position"), [x], a.dim,
+                  (ParamRecord("pos_embed.weight", (a.seq, a.dim), "embedding"),))
+    if a.type_vocab:
+        x = b.act("type_embed", Op.POSITION, PositionAttrs(a.type_vocab, a.dim, "type"), [x], a.dim,
+                  (ParamRecord("type_embed.weight", (a.type_vocab, a.dim), "embedding"),))
+    if a.embed_norm:
+        x = b.norm("embed_norm", x)
+    for i in range(a.layers):
+        x = _block(b, f"layers[{i}]", x)
+    if a.final_norm:
+        x = b.norm("norm", x)
+    if a.output == "embedding":
+        b.add("pool", Op.POOL, PoolAttrs(a.dim), [x], (BATCH, a.dim))
+        return IR.build(b.nodes, b.edges)
     # A tied head reads the embedding's (vocab, dim) matrix, which is also (out, in).
-    tied = "embed.weight" if a["tied"] else None
-    w = ParamRecord("head.weight", (vocab, dim), "head", tied_to=tied)
-    logits = b.add("head", Op.LINEAR, LinearAttrs(dim, vocab), [x], vocab, (w,))
-    b.add("loss", Op.LOSS, LossAttrs(vocab), [logits], None)
+    tied = "embed.weight" if a.tied else None
+    w = ParamRecord("head.weight", (a.vocab, a.dim), "head", tied_to=tied)
+    logits = b.act("head", Op.LINEAR, LinearAttrs(a.dim, a.vocab), [x], a.vocab, (w,))
+    b.add("loss", Op.LOSS, LossAttrs(a.vocab), [logits], ())  # the loss is a scalar
     return IR.build(b.nodes, b.edges)
 
 
-def _block(b: _Builder, p: str, x: str, dim: int, ffn: int, heads: int, kv_heads: int,
-           hd: int, eps: float, theta: float) -> str:
-    """One pre-norm transformer block; returns the id of its output (the second residual)."""
-    kv = kv_heads * hd
-    h = b.norm(f"{p}.attn_norm", x, dim, eps)
-    q = b.linear(f"{p}.attn.q", h, dim, dim, "attention")
-    k = b.linear(f"{p}.attn.k", h, dim, kv, "attention")
-    v = b.linear(f"{p}.attn.v", h, dim, kv, "attention")
-    q = b.add(f"{p}.attn.rope_q", Op.ROTARY, RotaryAttrs(heads, hd, theta), [q], dim)
-    k = b.add(f"{p}.attn.rope_k", Op.ROTARY, RotaryAttrs(kv_heads, hd, theta), [k], kv)
-    o = b.add(f"{p}.attn.core", Op.ATTENTION_CORE, AttentionAttrs(heads, kv_heads, hd), [q, k, v], dim)
-    o = b.linear(f"{p}.attn.o", o, dim, dim, "attention")
-    x = b.add(f"{p}.attn_residual", Op.RESIDUAL_ADD, ResidualAttrs(dim), [x, o], dim)
-    h = b.norm(f"{p}.mlp_norm", x, dim, eps)
-    g = b.linear(f"{p}.mlp.gate", h, dim, ffn, "mlp")
-    u = b.linear(f"{p}.mlp.up", h, dim, ffn, "mlp")
-    s = b.add(f"{p}.mlp.swiglu", Op.SWIGLU, SwigluAttrs(ffn), [g, u], ffn)
-    d = b.linear(f"{p}.mlp.down", s, ffn, dim, "mlp")
-    return b.add(f"{p}.mlp_residual", Op.RESIDUAL_ADD, ResidualAttrs(dim), [x, d], dim)
+def _attention(b: _Builder, p: str, h: str) -> str:
+    a = b.a
+    q = b.linear(f"{p}.attn.q", h, a.dim, a.q_dim, "attention", a.qkv_bias)
+    k = b.linear(f"{p}.attn.k", h, a.dim, a.kv_dim, "attention", a.qkv_bias)
+    v = b.linear(f"{p}.attn.v", h, a.dim, a.kv_dim, "attention", a.qkv_bias)
+    if a.positions == "rope":
+        s = a.rope_scaling
+        scaling = (s.kind, s.factor, s.low_freq, s.high_freq, s.original_seq)
+        q = b.act(f"{p}.attn.rope_q", Op.ROTARY, RotaryAttrs(a.heads, a.head_dim, a.rope_theta, *scaling), [q], a.q_dim)
+        k = b.act(f"{p}.attn.rope_k", Op.ROTARY, RotaryAttrs(a.kv_heads, a.head_dim, a.rope_theta, *scaling), [k],
+                  a.kv_dim)
+    o = b.act(f"{p}.attn.core", Op.ATTENTION_CORE, AttentionAttrs(a.heads, a.kv_heads, a.head_dim, a.causal),
+              [q, k, v], a.q_dim)
+    return b.linear(f"{p}.attn.o", o, a.q_dim, a.dim, "attention", a.o_bias)
+
+
+def _mlp(b: _Builder, p: str, h: str) -> str:
+    a = b.a
+    if a.mlp == "swiglu":
+        g = b.linear(f"{p}.mlp.gate", h, a.dim, a.ffn, "mlp", a.mlp_bias)
+        u = b.linear(f"{p}.mlp.up", h, a.dim, a.ffn, "mlp", a.mlp_bias)
+        s = b.act(f"{p}.mlp.swiglu", Op.SWIGLU, SwigluAttrs(a.ffn), [g, u], a.ffn)
+    else:
+        u = b.linear(f"{p}.mlp.up", h, a.dim, a.ffn, "mlp", a.mlp_bias)
+        approx = "tanh" if a.mlp == "gelu_tanh" else "none"
+        s = b.act(f"{p}.mlp.act", Op.GELU, GeluAttrs(a.ffn, approx), [u], a.ffn)
+    return b.linear(f"{p}.mlp.down", s, a.ffn, a.dim, "mlp", a.mlp_bias)
+
+
+def _block(b: _Builder, p: str, x: str) -> str:
+    """One transformer block; returns the id of its output. Pre-norm: x + f(norm(x));
+    post-norm (BERT): norm(x + f(x))."""
+    res = ResidualAttrs(b.a.dim)
+    if b.a.post_norm:
+        x = b.act(f"{p}.attn_residual", Op.RESIDUAL_ADD, res, [x, _attention(b, p, x)], b.a.dim)
+        x = b.norm(f"{p}.attn_norm", x)
+        x = b.act(f"{p}.mlp_residual", Op.RESIDUAL_ADD, res, [x, _mlp(b, p, x)], b.a.dim)
+        return b.norm(f"{p}.mlp_norm", x)
+    x = b.act(f"{p}.attn_residual", Op.RESIDUAL_ADD, res, [x, _attention(b, p, b.norm(f"{p}.attn_norm", x))], b.a.dim)
+    return b.act(f"{p}.mlp_residual", Op.RESIDUAL_ADD, res, [x, _mlp(b, p, b.norm(f"{p}.mlp_norm", x))], b.a.dim)

@@ -5,7 +5,9 @@ effc kernels (`effc.kernels.*`: the CPU paths now, Triton on GPU later) or plain
 functions, so the graph mirrors the IR one to one and `effc show --fx` reads like it.
 The graph takes `tokens` and `targets` (B, T) int64 and returns the *sum* of the token
 cross-entropies over targets that are not -100: summing (not averaging) lets gradient
-accumulation and evaluation divide by the exact token count of a whole step.
+accumulation and evaluation divide by the exact token count of a whole step. An encoder's
+graph (its IR ends in POOL) takes `tokens` and `keep` (B, T) bool, True for real tokens,
+and returns the (B, dim) mean of the last hidden states over the real tokens.
 
 Parameters live on a module tree whose qualified names are the canonical paths with
 `[i]` written `.i` (`layers[0].attn.q.weight` -> `layers.0.attn.q.weight`), so a state
@@ -24,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from effc.compiler.ir import IR, IRError, Op, ParamRecord
+from effc.compiler.ir import IR, OUTPUTS, IRError, Op, ParamRecord
 from effc.kernels.attention import attention
 from effc.kernels.dropout import Dropout
 from effc.kernels.rmsnorm import rms_norm
@@ -37,6 +39,23 @@ IGNORE = -100  # a target the loss skips (prompt tokens, padding)
 def fx_name(path: str) -> str:
     """Canonical path -> torch qualified name: `layers[0].attn.q` -> `layers.0.attn.q`."""
     return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def add_positions(x_BTD: torch.Tensor, table_RD: torch.Tensor) -> torch.Tensor:
+    """x plus the table's row t at position t (learned absolute positions)."""
+    return x_BTD + table_RD[: x_BTD.shape[1]]
+
+
+def add_type0(x_BTD: torch.Tensor, table_RD: torch.Tensor) -> torch.Tensor:
+    """x plus token-type row 0: effc feeds one segment per sequence, as Hugging Face does
+    when no token_type_ids are given."""
+    return x_BTD + table_RD[0]
+
+
+def mean_pool(h_BTD: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
+    """The mean of h over the positions where keep is True: (B, T, D) -> (B, D)."""
+    w_BT1 = keep_BT.unsqueeze(-1).to(h_BTD.dtype)
+    return (h_BTD * w_BT1).sum(1) / w_BT1.sum(1).clamp(min=1.0)
 
 
 def loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
@@ -60,11 +79,22 @@ def _add_param(root: nn.Module, p: ParamRecord, device) -> None:
     _module(root, owner).register_parameter(leaf, nn.Parameter(t, requires_grad=p.trainable))
 
 
-def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str = "loss") -> fx.GraphModule:
+def graph_output(ir: IR) -> str:
+    """The default output of an IR's graph: "loss" for a language model, "embedding" for
+    an encoder."""
+    return "embedding" if any(n.op is Op.POOL for n in ir.nodes()) else "loss"
+
+
+def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | None = None) -> fx.GraphModule:
     """`output="loss"`: forward(tokens, targets) -> summed loss; `output="logits"`:
-    forward(tokens) -> (B, T, vocab) logits, for evaluation metrics that compare models."""
-    if output not in ("loss", "logits"):
-        raise ValueError(f"to_fx: output must be 'loss' or 'logits', not {output!r}")
+    forward(tokens) -> (B, T, vocab) logits, for evaluation metrics that compare models;
+    `output="embedding"` (encoders): forward(tokens, keep) -> (B, dim). None: the IR's
+    own (`graph_output`)."""
+    natural = graph_output(ir)
+    output = output or natural
+    allowed = ("embedding",) if natural == "embedding" else ("loss", "logits")
+    if output not in allowed:
+        raise ValueError(f"to_fx: output must be one of {allowed} for this IR, not {output!r}")
     root = nn.Module()
     for p in ir.params():
         if p.tied_to is None:
@@ -72,6 +102,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str = "l
     g = fx.Graph()
     tokens = g.placeholder("tokens")
     targets = g.placeholder("targets") if output == "loss" else None
+    keep = g.placeholder("keep") if output == "embedding" else None
     out: dict[str, fx.Node] = {}  # IR node id -> the fx node holding its output
     tables: dict[tuple, tuple[fx.Node, fx.Node]] = {}
 
@@ -79,11 +110,11 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str = "l
         p = n.params[i]
         return g.get_attr(fx_name(p.tied_to or p.path))
 
-    def rope(hd: int, theta: float) -> tuple[fx.Node, fx.Node]:
-        key = (hd, theta)
-        if key not in tables:  # one (cos, sin) pair per distinct head width and base
+    def rope(a) -> tuple[fx.Node, fx.Node]:
+        key = (a.head_dim, a.theta, a.scaling, a.factor, a.low_freq, a.high_freq, a.original_seq)
+        if key not in tables:  # one (cos, sin) pair per distinct head width, base and scaling
             name = f"rotary{len(tables)}"
-            cos, sin = rotary_tables(seq, hd, theta)
+            cos, sin = rotary_tables(seq, *key)
             root.register_buffer(f"{name}_cos", cos.to(device), persistent=False)
             root.register_buffer(f"{name}_sin", sin.to(device), persistent=False)
             tables[key] = (g.get_attr(f"{name}_cos"), g.get_attr(f"{name}_sin"))
@@ -94,10 +125,14 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str = "l
         a = n.attrs
         if n.op is Op.EMBEDDING:
             y = g.call_function(F.embedding, (tokens, weight(n)))
+        elif n.op is Op.POSITION:
+            y = g.call_function(add_positions if a.kind == "position" else add_type0, (x[0], weight(n)))
         elif n.op is Op.RMSNORM:
             y = g.call_function(rms_norm, (x[0], weight(n), a.eps))
+        elif n.op is Op.LAYERNORM:
+            y = g.call_function(F.layer_norm, (x[0], (a.dim,), weight(n), weight(n, 1), a.eps))
         elif n.op is Op.LINEAR:
-            y = g.call_function(F.linear, (x[0], weight(n)))
+            y = g.call_function(F.linear, (x[0], weight(n)) + ((weight(n, 1),) if a.bias else ()))
             for update in x[1:]:  # adapters on this weight, in declaration order
                 y = g.call_function(operator.add, (y, update))
         elif n.op is Op.LORA:
@@ -110,12 +145,18 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str = "l
             h = g.call_function(F.linear, (h, weight(n, 1)))  # (B, T, out)
             y = g.call_function(operator.mul, (h, a.alpha / a.rank))
         elif n.op is Op.ROTARY:
-            cos, sin = rope(a.head_dim, a.theta)
+            cos, sin = rope(a)
             y = g.call_function(rotary, (x[0], cos, sin, a.heads))
         elif n.op is Op.ATTENTION_CORE:
-            y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads))
+            mask = () if a.causal and keep is None else (a.causal, keep)  # a decoder's graph reads plainly
+            y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads) + mask)
         elif n.op is Op.SWIGLU:
             y = g.call_function(swiglu, (x[0], x[1]))
+        elif n.op is Op.GELU:
+            y = g.call_function(F.gelu, (x[0],), {"approximate": a.approximate})
+        elif n.op is Op.POOL:
+            g.output(g.call_function(mean_pool, (x[0], keep)))
+            break
         elif n.op is Op.RESIDUAL_ADD:
             y = g.call_function(operator.add, (x[0], x[1]))
         elif n.op is Op.LOSS:
@@ -127,10 +168,10 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str = "l
             raise IRError(f"to_fx: no lowering for op {n.op.value} (node '{n.id}')")
         y.name = re.sub(r"\W", "_", fx_name(n.id))  # fx keeps names unique by suffixing
         out[n.id] = y
-    losses = [n for n in ir.nodes() if n.op is Op.LOSS]
-    if len(losses) != 1 or ir.outputs(losses[0].id):
-        raise IRError(f"to_fx: the IR must end in exactly one loss node, found {len(losses)}")
+    ends = [n for n in ir.nodes() if n.op in OUTPUTS]
+    if len(ends) != 1 or ir.outputs(ends[0].id):
+        raise IRError(f"to_fx: the IR must end in exactly one loss or pool node, found {len(ends)}")
     if output == "loss":
-        g.output(out[losses[0].id])
+        g.output(out[ends[0].id])
     g.lint()
     return fx.GraphModule(root, g, class_name="EffcGraph")

@@ -8,14 +8,14 @@
   B (out, rank)), and roles are known;
 - a LORA node reads its target LINEAR's input and feeds that LINEAR, with matching widths;
 - param paths are unique; a tied param names an existing untied param of the same shape;
-- there is at least one LOSS.
+- there is at least one output (a LOSS, or an encoder's POOL).
 """
 
 from __future__ import annotations
 
 import networkx as nx
 
-from effc.compiler.ir import ATTRS, IR, ROLES, IRError, Node, Op
+from effc.compiler.ir import ATTRS, IR, OUTPUTS, ROLES, IRError, Node, Op
 
 
 def verify(ir: IR) -> None:
@@ -26,8 +26,8 @@ def verify(ir: IR) -> None:
     for n in nodes:
         _check_node(ir, n)
     _check_params(nodes)
-    if not any(n.op is Op.LOSS for n in nodes):
-        raise IRError("the IR has no LOSS node: nothing to train or evaluate")
+    if not any(n.op in OUTPUTS for n in nodes):
+        raise IRError("the IR has no LOSS or POOL node: nothing to train or evaluate")
 
 
 def _fail(n: Node, msg: str) -> None:
@@ -40,10 +40,17 @@ def _widths(n: Node) -> tuple[list[int], int | None, list[tuple[int, ...]]]:
     a = n.attrs
     if n.op is Op.EMBEDDING:
         return [], a.dim, [(a.vocab, a.dim)]
+    if n.op is Op.POSITION:
+        return [a.dim], a.dim, [(a.rows, a.dim)]
     if n.op is Op.RMSNORM:
         return [a.dim], a.dim, [(a.dim,)]
+    if n.op is Op.LAYERNORM:
+        return [a.dim], a.dim, [(a.dim,), (a.dim,)]
     if n.op is Op.LINEAR:
-        return [a.in_features], a.out_features, [(a.out_features, a.in_features)]
+        bias = [(a.out_features,)] if a.bias else []
+        return [a.in_features], a.out_features, [(a.out_features, a.in_features)] + bias
+    if n.op in (Op.GELU, Op.POOL):
+        return [a.dim], a.dim, []
     if n.op is Op.ROTARY:
         return [a.heads * a.head_dim], a.heads * a.head_dim, []
     if n.op is Op.ATTENTION_CORE:
@@ -65,7 +72,11 @@ def _check_node(ir: IR, n: Node) -> None:
     # A LINEAR's ports after 0 are its adapters' updates, each of the output width.
     extra = [out] * (len(ir.inputs(n.id)) - len(ins)) if n.op is Op.LINEAR else []
     _check_inputs(ir, n, ins + extra)
-    _check_output(n, out)
+    if n.op is Op.POOL:  # one vector per sequence
+        if n.shape != ("B", out):
+            _fail(n, f"output shape {n.shape}, expected ('B', {out})")
+    else:
+        _check_output(n, out)
     got = [p.shape for p in n.params]
     if got != shapes:
         _fail(n, f"param shapes {got} do not match the attrs, which need {shapes}")

@@ -8,12 +8,28 @@ constant tables. Bytes: reads x (N*D) and the tables, writes N*D.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
-def rotary_tables(seq: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * theta^(-2i/head_dim), each (seq, head_dim / 2), fp32."""
+def rotary_tables(seq: int, head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                  low_freq: float = 1.0, high_freq: float = 4.0, original_seq: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * f_i, each (seq, head_dim / 2), fp32, with the frequencies
+    f_i = theta^(-2i/head_dim) rescaled as Hugging Face's rope types do: "linear" divides
+    them by `factor`; "llama3" (Llama 3.1) divides those whose wavelength 2 pi / f is
+    above original_seq / low_freq by `factor`, keeps those below original_seq / high_freq,
+    and blends linearly in between (in original_seq / wavelength)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif scaling == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((original_seq / wavelen - low_freq) / (high_freq - low_freq)).clamp(0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif scaling != "none":
+        raise ValueError(f"unknown rotary scaling {scaling!r}")
     angles = torch.outer(torch.arange(seq, dtype=torch.float64), inv_freq)  # (T, hd/2)
     return angles.cos().float(), angles.sin().float()
 

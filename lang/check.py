@@ -19,7 +19,7 @@ from typing import Any
 from effc.lang import ast, registry as R
 from effc.lang.diagnostics import Diagnostic, Span, error, has_errors, sort_diagnostics, warning
 from effc.lang.parser import MAX_DIGITS, parse
-from effc.lang.tree import KINDS, ModelCatalog, Module, Selected, default_catalog, join, walk
+from effc.lang.tree import KINDS, Arch, ModelCatalog, Module, Selected, default_catalog, join, walk
 from effc.lang.types import (
     BoolT, Bytes, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, PathT, Registry, SizeT,
     StrT, _range,
@@ -81,6 +81,7 @@ class ModelInfo:
     tree: Module | None
     span: Span
     adapters: list[AdapterUse] = field(default_factory=list)
+    arch: Arch | None = None  # what the compiler lowers (None when the tree came without one)
 
 
 @dataclass
@@ -295,7 +296,11 @@ class _Checker:
         else:
             checked = self.call(call, R.FAMILIES, also=R.MERGES)
             if checked is not None:
+                entry = R.FAMILIES.entries[checked.name]
                 info.family, info.args = checked.name, checked.args
+                if entry.derive:  # what a checkpoint's config says (vocab, seq, ...)
+                    info.args = {**checked.args, **entry.derive(checked.args)}
+                info.arch = self.catalog.arch(checked.name, checked.args)
                 info.tree = self.catalog.tree(checked.name, checked.args)
         self.declare(name, "model", item.name.span)
         self.models[name] = info
@@ -322,6 +327,12 @@ class _Checker:
             model = self.model_ref(stmt.model, live=verb == "train")
             data = self.data_ref(stmt.data)
             opts = self.options(stmt.options, R.STATEMENTS[verb], stmt.span)
+            if model and model.arch and model.arch.output == "embedding":
+                self.err("E0302", f"'{verb}' of a sentence encoder ('{model.name}' is a "
+                         f"{model.args.get('architecture', model.family)}) is not available in this version",
+                         stmt.model.span, "encoders can be adapted and exported now; their training and "
+                         "evaluation objectives come with a later issue")
+                return None
             if model and data and model.args.get("seq") and isinstance(data.args.get("seq"), int):
                 if data.args["seq"] > model.args["seq"]:
                     self.err("E0402", f"data '{data.name}' has seq={data.args['seq']} but model "
@@ -348,6 +359,12 @@ class _Checker:
                 self.err("E0305", "export path is empty", stmt.path.span, 'write a folder such as "out/model"')
                 model = None
             opts = self.options(stmt.options, R.STATEMENTS["export"], stmt.span)
+            if model and opts is not None and opts["format"] == "hf" and not opts["merge_adapters"]:
+                until = self.snapshot_end(stmt.model.stage.name) if stmt.model.stage else stmt.span
+                if any(until is None or (u.span.line, u.span.col) < (until.line, until.col) for u in model.adapters):
+                    self.err("E0406", f"format=hf writes a plain transformers model, and '{stmt.model.model.name}' "
+                             "has adapters", stmt.span, "add merge_adapters=true to fold them into the weights")
+                    return None
             if model and opts is not None:
                 return Step("export", _ref(stmt.model), opts, stmt.span, path=stmt.path.value)
         elif isinstance(stmt, ast.Tie):
@@ -403,6 +420,12 @@ class _Checker:
                          "weight are ambiguous (a per-loop adapter may sit beside a shared one)")
                 return
         model.adapters.append(AdapterUse(checked.name, scope, paths, stmt.span, checked.args))
+
+    def snapshot_end(self, stage: str) -> Span | None:
+        """Where `M@stage` is taken: the start of the stage after it (None: after the last)."""
+        names = list(self.stages)
+        i = names.index(stage)
+        return self.stages[names[i + 1]].span if i + 1 < len(names) else None
 
     # ------------------------------------------------------------ references
 

@@ -64,6 +64,8 @@ CODES: dict[str, tuple[str, str]] = {
     "E0501": ("data cannot be read", "At run time a data file was missing, empty or malformed, or holds too few tokens for one sequence. The message names the file and line."),
     "E0502": ("export would overwrite", "An export folder already exists. effc never overwrites an export silently: pass --force, or choose another path."),
     "E0503": ("files cannot be read or written", "The run folder, a checkpoint in it, or an export folder cannot be read or written (a permission problem, a full disk, or a corrupt checkpoint)."),
+    "E0504": ("checkpoint or export unusable", "At run time a Hugging Face checkpoint's weights were missing, damaged, stored as pickle, or disagreed with its config.json; or a model could not be written in the export format asked for."),
+    "E0406": ("export format cannot hold the model", "The export format has no place for something the model has: format=hf holds a plain transformers model, so adapters must be merged (merge_adapters=true) or exported on their own."),
     # warnings
     "W0101": ("unused declaration", "A param, model or data declaration is never used."),
     # internal

@@ -9,6 +9,7 @@ Statement options and their settled choices are in `STATEMENTS`.
 
 from __future__ import annotations
 
+from effc.lang.hf import ARCHITECTURES, hf_derived, hf_problems
 from effc.lang.types import (
     REQUIRED, BoolT, CallT, Entry, EnumT, FloatT, IntT, ListT, ModelT, Param, PathT,
     Problem, Registry, SizeT, StrT,
@@ -61,7 +62,17 @@ FAMILIES = Registry("model family", {
         paper="Touvron et al. 2023, LLaMA (arXiv:2302.13971)",
         constraints=_decoder_constraints,
     ),
-}, planned={"hf": _MODELS})
+    "hf": Entry(
+        "hf",
+        (
+            Param("path", PathT(), doc="a local Hugging Face checkpoint folder (config.json, *.safetensors)"),
+            Param("seq", IntT(min=1), None, "maximum sequence length", default_doc="the config's maximum"),
+        ),
+        "A local Hugging Face checkpoint, read into effc's canonical module tree. Families: "
+        + ", ".join(sorted(ARCHITECTURES)) + " (docs/models.md).",
+        constraints=hf_problems, derive=hf_derived,
+    ),
+})
 
 # ---------------------------------------------------------------- data sources
 
@@ -196,7 +207,7 @@ PLANNED_STATEMENTS: dict[str, str] = {"tie": _COMPRESS}
 
 METRICS = EnumT(("loss", "perplexity", "similarity"))
 EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"),
-                       unavailable=("hf", "peft", "compressed_tensors"))
+                       unavailable=("peft", "compressed_tensors"))
 
 STATEMENTS: dict[str, Entry] = {
     "train": Entry("train", (

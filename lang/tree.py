@@ -58,42 +58,140 @@ def walk(sel: Selected) -> Iterator[Selected]:
         stack.extend(reversed(kids))
 
 
-def decoder_tree(args: Mapping) -> Module:
-    """Llama-style decoder: embed, layers[i].{attn.{q,k,v,o}, mlp.{gate,up,down},
-    attn_norm, mlp_norm}, norm, head. Linear shapes are (in_features, out_features)."""
-    dim, ffn, vocab = args["dim"], args["ffn"], args["vocab"]
+@dataclass(frozen=True)
+class RopeScaling:
+    """How rotary frequencies are rescaled for long contexts (Hugging Face's rope_type):
+    "none"; "linear" (positions divided by `factor`); "llama3" (Llama 3.1: wavelengths
+    longer than original_seq / low_freq are divided by `factor`, shorter than
+    original_seq / high_freq kept, smoothly blended between)."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq: float = 1.0
+    high_freq: float = 4.0
+    original_seq: int = 0
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Everything that decides a transformer's module tree and computation. `decoder(...)`
+    and every supported Hugging Face family describe their model as one of these, so one
+    lowering serves them all.
+
+    norm "rms" (RMSNorm, no bias) or "layer" (LayerNorm with bias); pre-norm blocks
+    (x + f(norm(x))) or post_norm (norm(x + f(x)), BERT); positions "rope" (rotary, in
+    attention) or "learned" (a position table added to the token embedding); mlp
+    "swiglu" (gate, up, down) or "gelu" / "gelu_tanh" (up, down); `causal` attention for
+    decoders, bidirectional for encoders; `output` "lm" (a head over the vocabulary) or
+    "embedding" (hidden states mean-pooled over the tokens, for sentence encoders)."""
+
+    vocab: int
+    dim: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    seq: int
+    tied: bool = False
+    norm: str = "rms"
+    norm_eps: float = 1e-5
+    post_norm: bool = False
+    positions: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    mlp: str = "swiglu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    causal: bool = True
+    type_vocab: int = 0  # token-type (segment) embeddings, BERT
+    embed_norm: bool = False  # a norm right after the embeddings, BERT
+    final_norm: bool = True
+    output: str = "lm"
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def decoder_arch(args: Mapping) -> Arch:
+    """The built-in `decoder(...)`: Llama-style, pre-RMSNorm, rotary, SwiGLU, no biases."""
     heads = args["heads"]
-    kv_heads = args.get("kv_heads") or heads
-    kv_dim = dim // heads * kv_heads
+    return Arch(vocab=args["vocab"], dim=args["dim"], layers=args["layers"], heads=heads,
+                kv_heads=args.get("kv_heads") or heads, head_dim=args["dim"] // heads, ffn=args["ffn"],
+                seq=args.get("seq", 0), tied=bool(args.get("tied", False)),
+                norm_eps=float(args.get("norm_eps", 1e-5)), rope_theta=float(args.get("rope_theta", 10000.0)))
+
+
+def arch_tree(a: Arch) -> Module:
+    """The canonical module tree of an architecture. Always: embed, layers[i].{attn.{q,k,v,o},
+    attn_norm, mlp, mlp_norm}; mlp is {gate, up, down} for SwiGLU and {up, down} otherwise;
+    pos_embed with learned positions, type_embed and embed_norm for BERT-style encoders,
+    norm (the final norm) and head where the model has them. Members are listed in the
+    order they compute (a post-norm block normalises after attention and after the MLP).
+    Linear shapes are (in_features, out_features)."""
 
     def lin(i: int, o: int) -> Module:
         return Module("linear", shape=(i, o))
 
-    attn = Module("attention", (("q", lin(dim, dim)), ("k", lin(dim, kv_dim)),
-                                ("v", lin(dim, kv_dim)), ("o", lin(dim, dim))))
-    mlp = Module("mlp", (("gate", lin(dim, ffn)), ("up", lin(dim, ffn)), ("down", lin(ffn, dim))))
-    norm = Module("norm", shape=(dim, dim))
-    block = Module("block", (("attn_norm", norm), ("attn", attn), ("mlp_norm", norm), ("mlp", mlp)))
-    return Module("model", (
-        ("embed", Module("embedding", shape=(vocab, dim))),
-        ("layers", Module("list", items=tuple(block for _ in range(args["layers"])))),
-        ("norm", norm),
-        ("head", lin(dim, vocab)),
-    ))
+    norm = Module("norm", shape=(a.dim, a.dim))
+    attn = Module("attention", (("q", lin(a.dim, a.q_dim)), ("k", lin(a.dim, a.kv_dim)),
+                                ("v", lin(a.dim, a.kv_dim)), ("o", lin(a.q_dim, a.dim))))
+    mlp_members = (("gate", lin(a.dim, a.ffn)),) if a.mlp == "swiglu" else ()
+    mlp = Module("mlp", mlp_members + (("up", lin(a.dim, a.ffn)), ("down", lin(a.ffn, a.dim))))
+    if a.post_norm:
+        block = Module("block", (("attn", attn), ("attn_norm", norm), ("mlp", mlp), ("mlp_norm", norm)))
+    else:
+        block = Module("block", (("attn_norm", norm), ("attn", attn), ("mlp_norm", norm), ("mlp", mlp)))
+    top: list[tuple[str, Module]] = [("embed", Module("embedding", shape=(a.vocab, a.dim)))]
+    if a.positions == "learned":
+        top.append(("pos_embed", Module("embedding", shape=(a.seq, a.dim))))
+    if a.type_vocab:
+        top.append(("type_embed", Module("embedding", shape=(a.type_vocab, a.dim))))
+    if a.embed_norm:
+        top.append(("embed_norm", norm))
+    top.append(("layers", Module("list", items=tuple(block for _ in range(a.layers)))))
+    if a.final_norm:
+        top.append(("norm", norm))
+    if a.output == "lm":
+        top.append(("head", lin(a.dim, a.vocab)))
+    return Module("model", tuple(top))
+
+
+def decoder_tree(args: Mapping) -> Module:
+    """Llama-style decoder: embed, layers[i].{attn.{q,k,v,o}, mlp.{gate,up,down},
+    attn_norm, mlp_norm}, norm, head."""
+    return arch_tree(decoder_arch(args))
 
 
 @dataclass(frozen=True)
 class ModelCatalog:
-    """How the checker learns a model's module tree: family name -> (checked args -> tree).
-    The compiler hands the checker its own catalog; `default_catalog()` knows the
-    families whose trees the language itself defines."""
+    """How the checker learns a model's module tree. `archs` maps a family name to a
+    function of its checked args that describes the architecture (the tree follows from
+    it, and the compiler lowers the same record); `trees` gives a tree directly, for a
+    family that has no `Arch` (tests use it). The compiler hands the checker its own
+    catalog; `default_catalog()` knows the families the language itself defines."""
 
     trees: Mapping[str, Callable[[Mapping], Module]] = field(default_factory=dict)
+    archs: Mapping[str, Callable[[Mapping], "Arch | None"]] = field(default_factory=dict)
+
+    def arch(self, family: str, args: Mapping) -> Arch | None:
+        make = self.archs.get(family)
+        return make(args) if make else None
 
     def tree(self, family: str, args: Mapping) -> Module | None:
-        make = self.trees.get(family)
-        return make(args) if make else None
+        if family in self.trees:
+            return self.trees[family](args)
+        arch = self.arch(family, args)
+        return arch_tree(arch) if arch else None
 
 
 def default_catalog() -> ModelCatalog:
-    return ModelCatalog({"decoder": decoder_tree})
+    from effc.lang.hf import hf_arch  # the hf family reads config.json (no torch)
+
+    return ModelCatalog(archs={"decoder": decoder_arch, "hf": hf_arch})

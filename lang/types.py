@@ -183,6 +183,8 @@ class Entry:
     constraints: Callable[[dict], list[Problem]] | None = field(default=None, compare=False)
     # (args, targets) -> problems: constraints against the selected modules' shapes
     target_constraints: Callable[[dict, list], list[Problem]] | None = field(default=None, compare=False)
+    # model families: (checked args) -> args derived from elsewhere (a checkpoint's config)
+    derive: Callable[[dict], dict] | None = field(default=None, compare=False)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -10,7 +10,8 @@ adapter never changes how anything else is initialised.
 
 Initialisation (Llama/GPT-2 practice): embeddings and linear weights N(0, 0.02), the
 output projections of attention and MLP (`attn.o`, `mlp.down`) N(0, 0.02/sqrt(2 layers))
-so the residual stream does not grow with depth (Radford et al. 2019), norms 1.
+so the residual stream does not grow with depth (Radford et al. 2019), learned position
+and token-type tables N(0, 0.02), norm weights 1, biases 0.
 LoRA (Hu et al. 2021): B = 0 so training starts from the base model; A with
 init=kaiming is uniform(+-1/sqrt(in)), torch's default for a linear layer of that
 width, and with init=gaussian N(0, 1/rank).
@@ -24,7 +25,7 @@ import math
 import torch
 import torch.fx as fx
 
-from effc.compiler.ir import IR, Op, ParamRecord
+from effc.compiler.ir import IR, NORMS, Op, ParamRecord
 from effc.compiler.to_fx import fx_name, to_fx
 
 State = dict[str, torch.Tensor]
@@ -40,8 +41,10 @@ def _init(p: ParamRecord, node, layers: int, seed: int, lora_init: dict) -> torc
     g = torch.Generator().manual_seed(param_seed(seed, p.path))
     t = torch.empty(p.shape, dtype=getattr(torch, p.dtype))
     leaf = p.path.rsplit(".", 1)[-1]
-    if node.op is Op.RMSNORM:
-        return t.fill_(1.0)
+    if node.op in NORMS:
+        return t.fill_(1.0) if leaf == "weight" else t.zero_()
+    if leaf == "bias":
+        return t.zero_()
     if node.op is Op.LORA:
         if leaf == "B":
             return t.zero_()
@@ -56,7 +59,7 @@ def _init(p: ParamRecord, node, layers: int, seed: int, lora_init: dict) -> torc
 
 
 def materialize(ir: IR, seq: int, state: State, seed: int, lora_init: dict | None = None,
-                output: str = "loss") -> tuple[fx.GraphModule, list[str]]:
+                output: str | None = None) -> tuple[fx.GraphModule, list[str]]:
     """The fx graph of `ir` with its params taken from `state` or initialised.
 
     Returns the graph module and the paths it initialised. `lora_init` maps a LORA node

@@ -39,12 +39,15 @@ from effc.compiler.pipeline import model_ir, snapshot_until
 from effc.lang import ast
 from effc.lang.check import CheckResult, Ref, Step
 from effc.lang.diagnostics import Diagnostic, Span, error
+from effc.lang.hf import HFConfigError, read_hf
 from effc.runtime import data as D
 from effc.runtime.checkpoint import (
     CheckpointError, atomic_write_json, atomic_write_text, read_tensors, write_tensors,
 )
+from effc.runtime import export as E
 from effc.runtime.evaluate import evaluate, similarity
-from effc.runtime.model import State, materialize, merged_state, state_of
+from effc.runtime.hf import CheckpointReader, HFError
+from effc.runtime.model import State, materialize, state_of
 from effc.runtime.train import Hooks, Interrupted, TrainSpec, train
 
 EVAL_BATCH = 8
@@ -144,6 +147,7 @@ class _Run:
         self.out = opts.out
         self.overrides = overrides
         self.states: dict[str, State] = {}
+        self.sources: dict[str, CheckpointReader] = {}
         self.data: dict[str, D.Dataset] = {}
         self.stage_dirs: dict[str, Path] = {}
         self.stop = _Stop()
@@ -177,7 +181,30 @@ class _Run:
         return {f"{p}.lora{i}": u.args.get("init", "kaiming")
                 for i, u in enumerate(info.adapters) if u.technique == "lora" for p in u.paths}
 
-    def graph(self, model: str, until: Span | None, state: State, seed: int, output: str = "loss"):
+    def source_of(self, model: str) -> CheckpointReader | None:
+        """The checkpoint an `hf(...)` model starts from (None for other families), its
+        names and shapes checked against config.json before any weight is read."""
+        info = self.r.models[model]
+        if info.family != "hf":
+            return None
+        if model not in self.sources:
+            try:
+                ir, _ = model_ir(self.r, model, info.span)
+                reader = CheckpointReader(read_hf(str(info.args["path"]), info.args["seq"]), ir)
+                reader.check()
+            except (HFError, HFConfigError) as e:
+                self.fail("E0504", f"model '{model}': {e.message}", info.span, e.hint)
+            self.sources[model] = reader
+        return self.sources[model]
+
+    def current(self, model: str) -> State:
+        """The live model's weights: what the last stage left, else its checkpoint (read
+        lazily), else nothing (a fresh model is initialised from the seed)."""
+        if model in self.states:
+            return self.states[model]
+        return self.source_of(model) or {}
+
+    def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None):
         ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
         gm, fresh = materialize(ir, seq, state, seed, self.lora_init(model), output)
@@ -213,10 +240,23 @@ class _Run:
                 out[name] = sys.version
         return out
 
+    @functools.cached_property
+    def _checkpoint_stamps(self) -> dict:
+        """Each hf(...) folder's files with their sizes and modification times: cheap to
+        read for a checkpoint of any size, and changed by any rewrite of its weights."""
+        out = {}
+        for name, info in sorted(self.r.models.items()):
+            if info.family == "hf":
+                folder = Path(str(info.args["path"]))
+                out[name] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                   for f in folder.iterdir() if f.is_file()) if folder.is_dir() else "missing"
+        return out
+
     def stage_key(self, index: int, prev: str) -> str:
         stage = self.r.stages[index]
         return _sha({"effc": __version__, "prev": prev, "stage": _text(self.r.source, self.stage_items[stage.name].span),
-                     "decls": self._declarations, "params": self.r.params, "data": self._data_digests})
+                     "decls": self._declarations, "params": self.r.params, "data": self._data_digests,
+                     "checkpoints": self._checkpoint_stamps})
 
     # ------------------------------------------------------------ the run
 
@@ -309,7 +349,7 @@ class _Run:
         model = step.model.name
         spec = TrainSpec.from_options(step.options)
         ds = self.dataset(step.data)
-        ir, gm, fresh = self.graph(model, step.span, self.states.get(model, {}), spec.seed)
+        ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed)
         resume = self.opts.resume
         if not resume and ckpt.exists():
             self.rep.line(f"  found an interrupted train of '{model}': starting it over (--resume continues it)")
@@ -345,7 +385,7 @@ class _Run:
         model, o = step.model.name, step.options
         split = self.split(step.data)
         seq = self.dataset(step.data).seq
-        ir, gm, fresh = self.graph(model, step.span, self.states.get(model, {}), 0)
+        ir, gm, fresh = self.graph(model, step.span, self.current(model), 0)
         if fresh:  # first use: these weights are the model's from now on (and in its snapshot)
             self.states[model] = state_of(gm, ir)
         rec = {"kind": "eval", "stage": stage, "model": model,
@@ -353,12 +393,12 @@ class _Run:
                **evaluate(gm, split, seq, EVAL_BATCH, o["samples"])}
         against = o.get("against")
         if against is not None:
-            state, until = self.snapshot(against) if against.stage else (self.states.get(against.name, {}), step.span)
+            state, until = self.snapshot(against) if against.stage else (self.current(against.name), step.span)
             _, other, _ = self.graph(against.name, until, state, 0)
             name = against.name + (f"@{against.stage}" if against.stage else "")
             rec["against"] = {"model": name, **evaluate(other, split, seq, EVAL_BATCH, o["samples"])}
             if "similarity" in o["metrics"]:
-                _, a, _ = self.graph(model, step.span, self.states.get(model, {}), 0, "logits")
+                _, a, _ = self.graph(model, step.span, self.current(model), 0, "logits")
                 _, b, _ = self.graph(against.name, until, state, 0, "logits")
                 rec["similarity"] = similarity(a, b, split, seq, EVAL_BATCH, o["samples"])
         self.metric(rec)
@@ -377,37 +417,26 @@ class _Run:
         if step.model.stage:
             state, until = self.snapshot(step.model)
         else:
-            state, until = self.states.get(model, {}), (step.span if stage else None)
+            state, until = self.current(model), (step.span if stage else None)
         ir, gm, fresh = self.graph(model, until, state, 0)
         state = state_of(gm, ir)
         if fresh and not step.model.stage:
             self.states[model] = state
         info = self.r.models[model]
-        merge = step.options["merge_adapters"]
-        adapter_keys = {k for n in ir.nodes() if n.op.value == "lora" for k in (f"{n.id}.A", f"{n.id}.B")}
+        merge, fmt = step.options["merge_adapters"], step.options["format"]
         target = self.base / step.path
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=_mkdir(target.parent)))
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
         try:
-            if merge:
-                write_tensors(tmp / "model.safetensors", merged_state(ir, state))
-            else:
-                write_tensors(tmp / "model.safetensors", {k: v for k, v in state.items() if k not in adapter_keys})
-                if adapter_keys:
-                    write_tensors(tmp / "adapters.safetensors", {k: state[k] for k in sorted(adapter_keys)})
-            adapters = [{"node": n.id, "technique": "lora", "target": n.attrs.target, "rank": n.attrs.rank,
-                         "alpha": n.attrs.alpha, "dropout": n.attrs.dropout}
-                        for n in ir.nodes() if n.op.value == "lora"]
-            config = dict(info.args)
-            if merge and any(ir.node(a["target"]).params[0].tied_to for a in adapters):
-                config["tied"] = False  # the head got its own update: it is stored as its own tensor
-            atomic_write_json(tmp / "effc.json", {
-                "format": "effc", "format_version": 1, "effc": __version__, "pipeline": self.r.program.name or self.file.stem,
-                "model": model, "family": info.family, "config": config, "merged": merge,
-                "adapters": [] if merge else adapters, "merged_adapters": adapters if merge else [],
-                "files": sorted(p.name for p in tmp.iterdir())})
+            try:
+                if fmt == "hf":
+                    adapters = E.export_hf(tmp, ir, state, info, self.source_of(model))
+                else:
+                    adapters = E.export_effc(tmp, ir, state, info, merge, self.r.program.name or self.file.stem)
+            except E.ExportError as e:
+                self.fail("E0504", e.message, step.span, e.hint)
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
                 os.replace(target, old)

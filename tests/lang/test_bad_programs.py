@@ -53,8 +53,9 @@ EXPECT = re.compile(r"#\s*expect:\s*([EW]\d{4})\s+(\d+):(\d+)\s*$")
 # Codes that no committed .eff file can produce; each is tested separately here.
 # E0404 (over the memory budget) comes from the compiler's cost estimate, not from `effc check`
 # alone: tests/compiler/test_pipeline.py covers it.
-# E0501-E0503 are run-time problems (data, exports, the run folder): tests/runtime covers them.
-NOT_FROM_A_FILE = {"E0010", "E0111", "E0404", "E0501", "E0502", "E0503", "E9001"}
+# E0501-E0504 are run-time problems (data, exports, the run folder, checkpoint weights):
+# tests/runtime covers them.
+NOT_FROM_A_FILE = {"E0010", "E0111", "E0404", "E0501", "E0502", "E0503", "E0504", "E9001"}
 
 KNOWN_BUGS: dict[str, str] = {}
 

@@ -1,0 +1,77 @@
+"""Export formats: what `export M to "path" (format=...)` writes into a fresh folder.
+
+- effc: `model.safetensors` keyed by canonical paths, `adapters.safetensors` when adapters
+  are kept apart, and `effc.json` (family, configuration, adapters).
+- hf: a folder transformers' Auto classes load (config.json, safetensors, the source
+  checkpoint's tokenizer files); adapters are merged into the base weights, since a plain
+  transformers model has no place for them (the checker requires merge_adapters=true).
+
+Each writer returns the adapters it wrote or merged, as records for the run summary.
+The caller (runtime/run.py) owns the folder: it is written in a temporary folder and
+renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from effc import __version__
+from effc.compiler.ir import IR, Op
+from effc.lang.check import ModelInfo
+from effc.runtime.checkpoint import atomic_write_json, write_tensors
+from effc.runtime.hf import CheckpointReader, HFError, decoder_config, write_hf
+from effc.runtime.model import State, merged_state
+
+
+class ExportError(Exception):
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+def adapter_records(ir: IR) -> list[dict]:
+    return [{"node": n.id, "technique": "lora", "target": n.attrs.target, "rank": n.attrs.rank,
+             "alpha": n.attrs.alpha, "dropout": n.attrs.dropout}
+            for n in ir.nodes() if n.op is Op.LORA]
+
+
+def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool, pipeline: str) -> list[dict]:
+    adapters = adapter_records(ir)
+    adapter_keys = {k for a in adapters for k in (f"{a['node']}.A", f"{a['node']}.B")}
+    if merge:
+        write_tensors(folder / "model.safetensors", merged_state(ir, state))
+    else:
+        write_tensors(folder / "model.safetensors", {k: v for k, v in state.items() if k not in adapter_keys})
+        if adapter_keys:
+            write_tensors(folder / "adapters.safetensors", {k: state[k] for k in sorted(adapter_keys)})
+    config = dict(info.args)
+    if merge and any(ir.node(a["target"]).params[0].tied_to for a in adapters):
+        config["tied"] = False  # the head got its own update: it is stored as its own tensor
+    atomic_write_json(folder / "effc.json", {
+        "format": "effc", "format_version": 1, "effc": __version__, "pipeline": pipeline,
+        "model": info.name, "family": info.family, "config": config, "merged": merge,
+        "adapters": [] if merge else adapters, "merged_adapters": adapters if merge else [],
+        "files": sorted(p.name for p in folder.iterdir())})
+    return adapters
+
+
+def export_hf(folder: Path, ir: IR, state: State, info: ModelInfo, source: CheckpointReader | None) -> list[dict]:
+    """A transformers folder. For an `hf(...)` model the source config.json is kept (with
+    tie_word_embeddings updated) and tensors effc does not use (BERT's pooler) are copied
+    through; the built-in decoder is written as a LlamaForCausalLM."""
+    adapters = adapter_records(ir)
+    merged = merged_state(ir, state)
+    arch = info.arch
+    # A merged update on a tied head gives the head its own tensor: the export unties it.
+    arch = dataclasses.replace(arch, tied=arch.tied and "head.weight" not in merged)
+    if info.family == "hf":
+        family, config = info.args["hf_family"], source.model.config
+        source_folder, extra = source.model.folder, source.extra()
+    else:
+        family, config, source_folder, extra = "llama", decoder_config(arch), None, {}
+    try:
+        write_hf(folder, family, config, merged, arch, source_folder, extra)
+    except HFError as e:
+        raise ExportError(e.message, e.hint) from None
+    return adapters
