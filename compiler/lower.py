@@ -66,8 +66,9 @@ def lower_arch(a: Arch, span: Span) -> IR:
     x = b.act("embed", Op.EMBEDDING, EmbeddingAttrs(a.vocab, a.dim), [], a.dim,
               (ParamRecord("embed.weight", (a.vocab, a.dim), "embedding"),))
     if a.positions == "learned":
-        x = b.act("pos_embed", Op.POSITION, PositionAttrs(a.seq, a.dim, "position"), [x], a.dim,
-                  (ParamRecord("pos_embed.weight", (a.seq, a.dim), "embedding"),))
+        rows = a.positions_table
+        x = b.act("pos_embed", Op.POSITION, PositionAttrs(rows, a.dim, "position"), [x], a.dim,
+                  (ParamRecord("pos_embed.weight", (rows, a.dim), "embedding"),))
     if a.type_vocab:
         x = b.act("type_embed", Op.POSITION, PositionAttrs(a.type_vocab, a.dim, "type"), [x], a.dim,
                   (ParamRecord("type_embed.weight", (a.type_vocab, a.dim), "embedding"),))

@@ -217,8 +217,9 @@ def _gpt2(f: _Fields, name: str, seq: int | None) -> Arch:
     dim, heads = f.positive("n_embd"), f.positive("n_head")
     if dim % heads:
         raise HFConfigError(f"n_head={heads} does not divide n_embd={dim}")
+    rows = f.positive("n_positions")
     seq = _seq(f, "n_positions", seq)
-    return Arch(vocab=f.positive("vocab_size"), dim=dim, layers=f.positive("n_layer"), heads=heads, kv_heads=heads,
+    return Arch(position_rows=rows, vocab=f.positive("vocab_size"), dim=dim, layers=f.positive("n_layer"), heads=heads, kv_heads=heads,
                 head_dim=dim // heads, ffn=f.positive("n_inner", None) or 4 * dim, seq=seq,
                 tied=f.get("tie_word_embeddings", bool, True), norm="layer",
                 norm_eps=f.get("layer_norm_epsilon", float, 1e-5), positions="learned",
@@ -231,8 +232,10 @@ def _bert(f: _Fields, name: str, seq: int | None) -> Arch:
     dim, heads = f.positive("hidden_size"), f.positive("num_attention_heads")
     if dim % heads:
         raise HFConfigError(f"num_attention_heads={heads} does not divide hidden_size={dim}")
+    rows = f.positive("max_position_embeddings")
     seq = _seq(f, "max_position_embeddings", seq)
-    return Arch(vocab=f.positive("vocab_size"), dim=dim, layers=f.positive("num_hidden_layers"), heads=heads,
+    return Arch(position_rows=rows,
+                vocab=f.positive("vocab_size"), dim=dim, layers=f.positive("num_hidden_layers"), heads=heads,
                 kv_heads=heads, head_dim=dim // heads, ffn=f.positive("intermediate_size"), seq=seq, norm="layer",
                 norm_eps=f.get("layer_norm_eps", float, 1e-12), post_norm=True, positions="learned",
                 mlp=_activation(f, "hidden_act", "gelu"), qkv_bias=True, o_bias=True, mlp_bias=True, causal=False,

@@ -109,6 +109,11 @@ class Arch:
     embed_norm: bool = False  # a norm right after the embeddings, BERT
     final_norm: bool = True
     output: str = "lm"
+    position_rows: int = 0  # rows of a learned position table, when longer than seq (a checkpoint's)
+
+    @property
+    def positions_table(self) -> int:
+        return self.position_rows or self.seq
 
     @property
     def q_dim(self) -> int:
@@ -150,7 +155,7 @@ def arch_tree(a: Arch) -> Module:
         block = Module("block", (("attn_norm", norm), ("attn", attn), ("mlp_norm", norm), ("mlp", mlp)))
     top: list[tuple[str, Module]] = [("embed", Module("embedding", shape=(a.vocab, a.dim)))]
     if a.positions == "learned":
-        top.append(("pos_embed", Module("embedding", shape=(a.seq, a.dim))))
+        top.append(("pos_embed", Module("embedding", shape=(a.positions_table, a.dim))))
     if a.type_vocab:
         top.append(("type_embed", Module("embedding", shape=(a.type_vocab, a.dim))))
     if a.embed_norm:

@@ -243,7 +243,8 @@ class CheckpointReader(Mapping):
         """Tensors of the checkpoint that effc's tree does not use (BERT's pooler): an hf
         export writes them back unchanged."""
         used = {src.name for src, _ in self._names.values()}
-        return {n: self._open(f).get_tensor(n) for n, f in self._where.items() if n not in used}
+        return {n: self._open(f).get_tensor(n) for n, f in self._where.items()
+                if n not in used and not n.endswith(".position_ids")}  # a buffer of old checkpoints
 
 
 def load(folder: str, seq: int | None = None, output: str | None = None):

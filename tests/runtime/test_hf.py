@@ -314,3 +314,16 @@ def test_missing_weights_at_run_time_are_a_diagnostic_at_the_model(tmp_path):
         _run(tmp_path, _pipeline(folder, "    train m on d (steps=1)\n", seq=64))
     (d,) = e.value.diagnostics
     assert d.code == "E0504" and "has no model.safetensors" in d.message and d.span.line == 2
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "mistral_head_dim"])
+def test_hf_export_round_trips_each_family(ckpt, tmp_path, name):
+    """Read, export untouched, read back with transformers: same outputs, same tensors
+    (GPT-2's c_attn re-fused and transposed back; BERT's pooler carried through)."""
+    _run(tmp_path, f'pipeline p\nmodel m = hf("{ckpt[name]}")\nexport m to "out" (format=hf)\n')
+    from safetensors.torch import load_file
+    a, b = load_file(ckpt[name] / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    a = {k: v for k, v in a.items() if k != "lm_head.weight" or name != "gpt2"}  # tied: written once
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == \
+        json.loads((ckpt[name] / "config.json").read_text())["architectures"]
