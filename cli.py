@@ -223,6 +223,51 @@ def fmt(
         typer.echo(formatted, nl=False)
 
 
+class CheckpointFamily(str, Enum):
+    llama = "llama"
+    qwen2 = "qwen2"
+    gpt2 = "gpt2"
+
+
+@app.command("init-checkpoint")
+def init_checkpoint(
+    folder: Path = typer.Argument(..., help="the folder to create (must not exist)"),
+    family: CheckpointFamily = typer.Option(CheckpointFamily.llama, "--family", help="the architecture"),
+    vocab: int = typer.Option(512, "--vocab", min=260, help="tokenizer size (byte-level BPE, at most this)"),
+    dim: int = typer.Option(128, "--dim", min=8, help="model width"),
+    layers: int = typer.Option(4, "--layers", min=1, help="transformer blocks"),
+    heads: int = typer.Option(4, "--heads", min=1, help="attention heads"),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads", min=1, help="key/value heads [default: heads]"),
+    ffn: int = typer.Option(352, "--ffn", min=1, help="MLP width"),
+    seq: int = typer.Option(256, "--seq", min=8, help="maximum sequence length"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the random weights"),
+) -> None:
+    """Create a small, randomly initialised Hugging Face checkpoint with a trained tokenizer
+    and a chat template, for examples and experiments without downloads."""
+    from effc.runtime.tiny import make_checkpoint
+
+    problems = []
+    if dim % heads or (dim // heads) % 2:
+        problems.append(f"--heads {heads} must divide --dim {dim} into an even head width")
+    if kv_heads and heads % kv_heads:
+        problems.append(f"--kv-heads {kv_heads} must divide --heads {heads}")
+    if family is CheckpointFamily.gpt2 and kv_heads not in (None, heads):
+        problems.append("GPT-2 has one key/value head per query head: leave out --kv-heads")
+    if folder.exists():
+        problems.append(f"'{folder}' exists; effc never overwrites a checkpoint")
+    if problems:
+        typer.echo("\n".join(f"error: {p}" for p in problems) + "\n   = hint: see effc init-checkpoint --help",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        cfg = make_checkpoint(folder, family.value, vocab, dim, layers, heads, kv_heads, ffn, seq, seed)
+    except OSError as exc:
+        typer.echo(f"error: cannot write '{folder}': {exc.strerror or exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{folder}: {cfg['architectures'][0]}, vocab {cfg['vocab_size']}, "
+               f"{layers} layers of width {dim}, seq {seq}", err=True)
+
+
 @app.command()
 def explain(code: str = typer.Argument(..., help="a diagnostic code such as E0203")) -> None:
     """Explain a diagnostic code."""
