@@ -365,6 +365,13 @@ class _Checker:
                     self.err("E0406", f"format=hf writes a plain transformers model, and '{stmt.model.model.name}' "
                              "has adapters", stmt.span, "add merge_adapters=true to fold them into the weights")
                     return None
+            if model and opts is not None and (opts["merge_adapters"] or opts["format"] == "hf") and model.arch \
+                    and model.arch.tied and any("head" in u.paths for u in model.adapters):
+                a = model.arch
+                self.diags.append(warning(
+                    "W0102", "merging the adapter on the tied head unties it from the embedding", stmt.span,
+                    f"the export stores the head as its own {a.vocab} x {a.dim} matrix "
+                    f"(+{a.vocab * a.dim:,} parameters); the embedding keeps its weights"))
             if model and opts is not None:
                 return Step("export", _ref(stmt.model), opts, stmt.span, path=stmt.path.value)
         elif isinstance(stmt, ast.Tie):

@@ -68,6 +68,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0406": ("export format cannot hold the model", "The export format has no place for something the model has: format=hf holds a plain transformers model, so adapters must be merged (merge_adapters=true) or exported on their own."),
     # warnings
     "W0101": ("unused declaration", "A param, model or data declaration is never used."),
+    "W0102": ("merge changes the model's storage", "Folding adapters into the base weights changes more than their values: an adapter on a tied head gives the head its own matrix, so the export stores it separately from the embedding."),
     # internal
     "E9001": ("internal error", "effc itself failed. Please report it with the file that caused it."),
 }
