@@ -327,3 +327,32 @@ def test_hf_export_round_trips_each_family(ckpt, tmp_path, name):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == \
         json.loads((ckpt[name] / "config.json").read_text())["architectures"]
+
+
+def test_large_exports_are_sharded_with_an_index_transformers_reads(ckpt, tmp_path):
+    from effc.runtime.hf import write_hf
+    model, ir, gm = load(str(ckpt["llama_bias"]))
+    from effc.runtime.model import state_of
+    files = write_hf(tmp_path, "llama", model.config, state_of(gm, ir), model.arch, max_shard_bytes=30_000)
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 3 and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(shards)
+    x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()(x).logits,
+                                   _reference(ckpt["llama_bias"])(x).logits, atol=0, rtol=0)
+
+
+def test_a_rewritten_checkpoint_reruns_the_stages_that_read_it(ckpt, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(ckpt["llama_bias"], folder)
+    src = _pipeline(folder, "    train m on d (steps=1, batch=1)\n", seq=16, data="markov(seq=16, vocab=97)")
+    def cached(summary) -> bool:
+        (entry,) = [e for e in summary.stages if "cached" in e]
+        return entry["cached"]
+
+    assert not cached(_run(tmp_path, src))
+    assert cached(_run(tmp_path, src))
+    _write("llama_bias", folder)  # the same checkpoint written again: new files, new times
+    assert not cached(_run(tmp_path, src))
