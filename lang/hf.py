@@ -42,9 +42,11 @@ ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "ge
 
 
 class HFConfigError(Exception):
-    def __init__(self, message: str, hint: str | None = None):
+    """`arg`: the argument of hf(...) to blame ("path": the folder's config; "seq")."""
+
+    def __init__(self, message: str, hint: str | None = None, arg: str = "path"):
         super().__init__(message)
-        self.message, self.hint = message, hint
+        self.message, self.hint, self.arg = message, hint, arg
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,7 @@ def _describe(folder: str, cfg: dict, seq: int | None) -> HFModel:
     family = ARCHITECTURES[name]
     f = _Fields(cfg)
     arch = {"llama": _llama, "gpt2": _gpt2, "bert": _bert}[family](f, name, seq)
-    if arch.dim and arch.q_dim and arch.heads and arch.kv_heads and arch.heads % arch.kv_heads:
+    if arch.heads % arch.kv_heads:
         raise HFConfigError(f"num_key_value_heads={arch.kv_heads} does not divide num_attention_heads={arch.heads}")
     return HFModel(folder, family, mtype, name, arch, cfg)
 
@@ -149,7 +151,7 @@ def _seq(f: _Fields, field: str, seq: int | None) -> int:
     limit = f.positive(field)
     if seq is not None and seq > limit:
         raise HFConfigError(f"seq={seq} is longer than the checkpoint's {field}={limit}",
-                            f"use seq={limit} or less")
+                            f"use seq={limit} or less", arg="seq")
     return seq or limit
 
 
@@ -258,7 +260,7 @@ def hf_problems(args: Mapping) -> list[Problem]:
     try:
         read_hf(str(args["path"]), args.get("seq"))
     except HFConfigError as e:
-        return [Problem("seq" if "seq=" in e.message else "path", e.message, e.hint)]
+        return [Problem(e.arg, e.message, e.hint)]
     return []
 
 

@@ -277,8 +277,6 @@ def hf_state(family: str, state: Mapping[str, torch.Tensor], arch: Arch) -> dict
             out[src.name] = t.contiguous()
     for name, parts in fused.items():
         out[name] = torch.cat(parts, dim=-1 if parts[0].dim() == 2 else 0).contiguous()
-    if family == "gpt2" and not arch.tied and "lm_head.weight" not in out:
-        raise HFError("GPT-2 with an untied head cannot be written")
     return out
 
 
