@@ -5,7 +5,9 @@ effc kernels (`effc.kernels.*`: the CPU paths now, Triton on GPU later) or plain
 functions, so the graph mirrors the IR one to one and `effc show --fx` reads like it.
 The graph takes `tokens` and `targets` (B, T) int64 and returns the *sum* of the token
 cross-entropies over targets that are not -100: summing (not averaging) lets gradient
-accumulation and evaluation divide by the exact token count of a whole step. An encoder's
+accumulation and evaluation divide by the exact token count of a whole step. Both also
+take optional `segments` and `positions` (B, T) int64 for packed sequences: attention
+never crosses from one record to another, and positions restart at each record. An encoder's
 graph (its IR ends in POOL) takes `tokens` and `keep` (B, T) bool, True for real tokens,
 and returns the (B, dim) mean of the last hidden states over the real tokens.
 
@@ -30,7 +32,7 @@ from effc.compiler.ir import IR, OUTPUTS, IRError, Op, ParamRecord
 from effc.kernels.attention import attention
 from effc.kernels.dropout import Dropout
 from effc.kernels.rmsnorm import rms_norm
-from effc.kernels.rotary import rotary, rotary_tables
+from effc.kernels.rotary import at_positions, rotary, rotary_tables
 from effc.kernels.swiglu import swiglu
 
 IGNORE = -100  # a target the loss skips (prompt tokens, padding)
@@ -41,9 +43,13 @@ def fx_name(path: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
-def add_positions(x_BTD: torch.Tensor, table_RD: torch.Tensor) -> torch.Tensor:
-    """x plus the table's row t at position t (learned absolute positions)."""
-    return x_BTD + table_RD[: x_BTD.shape[1]]
+def add_positions(x_BTD: torch.Tensor, table_RD: torch.Tensor, positions_BT: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x plus the table's row t at position t (learned absolute positions); with packed
+    sequences, the row of each token's position within its record."""
+    if positions_BT is None:
+        return x_BTD + table_RD[: x_BTD.shape[1]]
+    return x_BTD + table_RD[positions_BT]
 
 
 def add_type0(x_BTD: torch.Tensor, table_RD: torch.Tensor) -> torch.Tensor:
@@ -103,6 +109,10 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
     tokens = g.placeholder("tokens")
     targets = g.placeholder("targets") if output == "loss" else None
     keep = g.placeholder("keep") if output == "embedding" else None
+    # Packed sequences (optional, (B, T) int64): the record of each position, which attention
+    # keeps apart, and the position within its record, which rotary and learned positions use.
+    segments = g.placeholder("segments", default_value=None) if output != "embedding" else None
+    positions = g.placeholder("positions", default_value=None) if output != "embedding" else None
     out: dict[str, fx.Node] = {}  # IR node id -> the fx node holding its output
     tables: dict[tuple, tuple[fx.Node, fx.Node]] = {}
 
@@ -117,7 +127,9 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             cos, sin = rotary_tables(seq, *key)
             root.register_buffer(f"{name}_cos", cos.to(device), persistent=False)
             root.register_buffer(f"{name}_sin", sin.to(device), persistent=False)
-            tables[key] = (g.get_attr(f"{name}_cos"), g.get_attr(f"{name}_sin"))
+            tables[key] = tuple(g.call_function(at_positions, (g.get_attr(f"{name}_{t}"), positions))
+                                for t in ("cos", "sin")) if positions is not None else \
+                (g.get_attr(f"{name}_cos"), g.get_attr(f"{name}_sin"))
         return tables[key]
 
     for n in ir.nodes():
@@ -126,7 +138,10 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         if n.op is Op.EMBEDDING:
             y = g.call_function(F.embedding, (tokens, weight(n)))
         elif n.op is Op.POSITION:
-            y = g.call_function(add_positions if a.kind == "position" else add_type0, (x[0], weight(n)))
+            if a.kind == "position":
+                y = g.call_function(add_positions, (x[0], weight(n)) + ((positions,) if positions is not None else ()))
+            else:
+                y = g.call_function(add_type0, (x[0], weight(n)))
         elif n.op is Op.RMSNORM:
             y = g.call_function(rms_norm, (x[0], weight(n), a.eps))
         elif n.op is Op.LAYERNORM:
@@ -148,8 +163,11 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             cos, sin = rope(a)
             y = g.call_function(rotary, (x[0], cos, sin, a.heads))
         elif n.op is Op.ATTENTION_CORE:
-            mask = () if a.causal and keep is None else (a.causal, keep)  # a decoder's graph reads plainly
-            y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads) + mask)
+            if keep is not None:  # an encoder: bidirectional, padded keys hidden
+                y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads, a.causal, keep))
+            else:
+                y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads),
+                                    {"causal": a.causal, "segments_BT": segments})
         elif n.op is Op.SWIGLU:
             y = g.call_function(swiglu, (x[0], x[1]))
         elif n.op is Op.GELU:

@@ -1,7 +1,9 @@
 """Rotary position embedding (Su et al. 2021, arXiv:2104.09864), "rotate half" layout as in
 Llama checkpoints: within each head, channel i pairs with channel i + head_dim/2.
 
-Legend: x_BTD is (batch, seq, heads * head_dim); cos_TH and sin_TH are (seq, head_dim / 2).
+Legend: x_BTD is (batch, seq, heads * head_dim); cos_TH and sin_TH are (seq, head_dim / 2),
+or, for packed sequences whose positions restart at each record, the tables gathered at
+each token's position (`at_positions`): (batch, seq, head_dim / 2).
 `rotary` saves no activation: backward rotates the gradient by -theta with the same
 constant tables. Bytes: reads x (N*D) and the tables, writes N*D.
 """
@@ -34,11 +36,20 @@ def rotary_tables(seq: int, head_dim: int, theta: float, scaling: str = "none", 
     return angles.cos().float(), angles.sin().float()
 
 
+def at_positions(table_TH: torch.Tensor, positions_BT: torch.Tensor | None) -> torch.Tensor:
+    """The table's rows at each token's position, (B, T, hd/2); the table itself when every
+    sequence starts at position 0 (positions None)."""
+    return table_TH if positions_BT is None else table_TH[positions_BT]
+
+
 def _rotate(x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor, heads: int) -> torch.Tensor:
     B, T, D = x_BTD.shape
     x = x_BTD.view(B, T, heads, D // heads)  # (B, T, H, hd)
     x1, x2 = x.chunk(2, dim=-1)  # each (B, T, H, hd/2)
-    c, s = cos_TH[:T, None, :], sin_TH[:T, None, :]  # (T, 1, hd/2), broadcast over heads
+    if cos_TH.dim() == 2:
+        c, s = cos_TH[:T, None, :], sin_TH[:T, None, :]  # (T, 1, hd/2), broadcast over heads
+    else:
+        c, s = cos_TH[:, :T, None, :], sin_TH[:, :T, None, :]  # (B, T, 1, hd/2)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).view(B, T, D)
 
 

@@ -365,13 +365,13 @@ def test_graph_mirrors_the_ir(make_model):
     assert sum(n.op == "call_module" for n in gm.graph.nodes) == dropped  # one Dropout each
     # one get_attr per param read, plus one (cos, sin) pair: q and k share head width and base
     assert sum(n.op == "get_attr" for n in gm.graph.nodes) == len(ir.params()) + 2
-    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["tokens", "targets"]
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["tokens", "targets", "segments", "positions"]
 
 
 def test_logits_graph_ends_at_the_head(make_model):
     _, ir = build(make_model, MQA_TIED)
     gm = to_fx(ir, SEQ, output="logits")
-    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["tokens"]
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["tokens", "segments", "positions"]
     out = list(gm.graph.nodes)[-1]
     assert out.op == "output" and out.args[0].name == "head"
     assert not any(n.target is loss_sum for n in gm.graph.nodes)
