@@ -22,7 +22,7 @@ from effc.lang.parser import MAX_DIGITS, parse
 from effc.lang.tree import KINDS, Arch, ModelCatalog, Module, Selected, default_catalog, join, walk
 from effc.lang.types import (
     BoolT, Bytes, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, PathT, Registry, SizeT,
-    StrT, _range,
+    StrT, TokenizerT, _range,
 )
 
 # ---------------------------------------------------------------- values
@@ -769,8 +769,10 @@ class _Checker:
         elif isinstance(t, SizeT):
             if isinstance(v, Bytes):
                 return v if self.in_range(v.n, t.min, None, False, False, span) is not BAD else BAD
-        elif isinstance(t, (StrT, PathT)):
+        elif isinstance(t, (StrT, PathT, TokenizerT)):
             if isinstance(v, str):
+                if isinstance(t, TokenizerT):
+                    return v if v == "bytes" else self.path(v, span)
                 return self.path(v, span) if isinstance(t, PathT) and t.must_exist else v
         elif isinstance(t, BoolT):
             if isinstance(v, bool):

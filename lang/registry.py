@@ -10,9 +10,10 @@ Statement options and their settled choices are in `STATEMENTS`.
 from __future__ import annotations
 
 from effc.lang.hf import ARCHITECTURES, hf_derived, hf_problems
+from effc.lang.tokenizer_info import TokenizerError, TokenizerInfo, read_tokenizer
 from effc.lang.types import (
     REQUIRED, BoolT, CallT, Entry, EnumT, FloatT, IntT, ListT, ModelT, Param, PathT,
-    Problem, Registry, SizeT, StrT,
+    Problem, Registry, SizeT, StrT, TokenizerT,
 )
 
 _SPINE = "the compiler-and-runtime issue (#3)"
@@ -79,23 +80,40 @@ FAMILIES = Registry("model family", {
 _SEQ = Param("seq", IntT(min=1), doc="tokens per training sequence")
 
 
+def _tokenizer(a: dict) -> tuple[TokenizerInfo | None, list[Problem]]:
+    tok = a.get("tokenizer")
+    if not isinstance(tok, str) or tok == "bytes":
+        return None, []
+    try:
+        return read_tokenizer(tok), []
+    except TokenizerError as e:
+        return None, [Problem("tokenizer", e.message, e.hint)]
+
+
+def _text_constraints(a: dict) -> list[Problem]:
+    return _tokenizer(a)[1]
+
+
 def _jsonl_constraints(a: dict) -> list[Problem]:
+    given = [k for k in ("field", "prompt", "response", "messages") if a.get(k) is not None]
     has_p, has_r = a.get("prompt") is not None, a.get("response") is not None
     if has_p != has_r:
         missing = "response" if has_p else "prompt"
         return [Problem("prompt" if has_p else "response",
                         f"'{missing}' is missing: instruction data names both fields",
                         f"add {missing}=\"...\" (the JSON field that holds the {missing})")]
-    if has_p and a.get("field") is not None:
-        return [Problem("field", "give either field=... (plain text) or prompt=/response= (instruction data), not both")]
-    return []
-
-
-def _text_constraints(a: dict) -> list[Problem]:
-    tok = a.get("tokenizer")
-    if isinstance(tok, str) and tok != "bytes":
-        return [Problem("tokenizer", f"tokenizer={tok!r} is not available in this version: only 'bytes'",
-                        f"tokenizer.json files arrive with {_MODELS}; use tokenizer=\"bytes\"")]
+    modes = [m for m in (("field",), ("prompt", "response"), ("messages",)) if any(k in given for k in m)]
+    if len(modes) > 1:
+        return [Problem(modes[1][0], "give one of field=... (plain text), prompt=/response= (instruction data) "
+                        "or messages=... (chat records), not several")]
+    info, problems = _tokenizer(a)
+    if problems:
+        return problems
+    if a.get("messages") is not None and (info is None or info.chat_template is None):
+        where = "tokenizer=\"bytes\" has none" if info is None else \
+            f"'{info.file}' has no chat_template in its tokenizer_config.json"
+        return [Problem("messages", f"chat records are rendered with the tokenizer's chat template, and {where}",
+                        "name a checkpoint's tokenizer that has a chat template, or use prompt=/response=")]
     return []
 
 
@@ -106,15 +124,22 @@ def data_vocab(source: str, args: dict) -> int | None:
     """How many token ids a data declaration can produce, known without reading it."""
     if source == "markov":
         return args.get("vocab")
-    return BYTE_VOCAB if source in ("text", "jsonl", "stdlib_text") else None
+    info, problems = _tokenizer(args)
+    if info is not None:
+        return info.vocab
+    return BYTE_VOCAB if source in ("text", "jsonl", "stdlib_text") and not problems else None
 
+
+_TOKENIZER = Param("tokenizer", TokenizerT(), "bytes",
+                   "\"bytes\" (byte-level, 256 ids), or a tokenizer.json or a checkpoint folder holding one")
 
 DATA_SOURCES = Registry("data source", {
     "text": Entry("text", (
         Param("path", PathT(), doc="a UTF-8 text file"),
         _SEQ,
-        Param("tokenizer", StrT(), "bytes", "'bytes' (byte-level; a tokenizer.json comes with issue #4)"),
-    ), "Plain text as bytes (256 token ids), cut into sequences; the last 5% is the validation split.",
+        _TOKENIZER,
+    ), "Plain text, tokenized as bytes or by a Hugging Face tokenizer, cut into sequences; the last 5% is "
+       "the validation split.",
         constraints=_text_constraints),
     "jsonl": Entry("jsonl", (
         Param("path", PathT(), doc="a JSON-lines file, one record a line"),
@@ -122,15 +147,20 @@ DATA_SOURCES = Registry("data source", {
         Param("field", StrT(), None, "the record field holding plain text", default_doc="text"),
         Param("prompt", StrT(), None, "instruction data: the field holding the prompt"),
         Param("response", StrT(), None, "instruction data: the field holding the response"),
-    ), "JSON lines: plain text from one field, or prompt/response pairs (loss on the response).",
+        Param("messages", StrT(), None, "chat data: the field holding a list of {role, content} messages"),
+        _TOKENIZER,
+    ), "JSON lines: plain text from one field, prompt/response pairs, or chat records (loss on the responses "
+       "only; rendered with the tokenizer's chat template when it has one), packed into sequences whose "
+       "attention never crosses from one record to the next.",
         constraints=_jsonl_constraints),
     "markov": Entry("markov", (
         _SEQ,
         Param("seed", IntT(min=0), 0, "seed of the random chain"),
         Param("vocab", IntT(min=2, max=65536), 64, "number of symbols (token ids 0..vocab-1)"),
     ), "Synthetic text from a random Markov chain whose entropy rate is known exactly."),
-    "stdlib_text": Entry("stdlib_text", (_SEQ,),
-                         "Real English text that every Python install has (taken from the standard library)."),
+    "stdlib_text": Entry("stdlib_text", (_SEQ, _TOKENIZER),
+                         "Real English text that every Python install has (taken from the standard library).",
+                         constraints=_text_constraints),
 })
 
 # ---------------------------------------------------------------- optimizers and schedules

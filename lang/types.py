@@ -81,6 +81,14 @@ class PathT:
 
 
 @dataclass(frozen=True)
+class TokenizerT:
+    """"bytes", or a path (relative to the .eff file) to a tokenizer.json or a folder with one."""
+
+    def describe(self) -> str:
+        return '"bytes" or a path to a tokenizer.json or a checkpoint folder'
+
+
+@dataclass(frozen=True)
 class BoolT:
     def describe(self) -> str:
         return "boolean (true or false)"

@@ -30,6 +30,8 @@ from typing import Iterator
 import torch
 
 from effc.lang.registry import BYTE_VOCAB
+from effc.lang.tokenizer_info import TokenizerError
+from effc.runtime.tokenizer import TemplateError, TextTokenizer, open_tokenizer
 
 VOCAB_BYTES = BYTE_VOCAB  # the checker compares it with the model's vocab (registry.data_vocab)
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -50,6 +52,7 @@ class DataError(Exception):
 class Split:
     tokens: torch.Tensor  # (N,) int64
     mask: torch.Tensor | None  # None, or (N,) bool: True where the token is a learning target
+    doc: torch.Tensor | None = None  # None, or (N,) int64: the record each token belongs to (packing)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,13 @@ def windows(split: Split, seq: int) -> int:
 
 
 def batch(split: Split, seq: int, index: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training batch number `index` as (inputs, targets), both (size, seq) int64.
+    """Training batch number `index` as (inputs, targets), both (size, seq) int64: the
+    windows `batch_windows` picks, gathered."""
+    return gather(split, seq, batch_windows(split, seq, index, size, seed))
+
+
+def batch_windows(split: Split, seq: int, index: int, size: int, seed: int) -> torch.Tensor:
+    """The (size,) window numbers of training batch number `index`.
 
     Sample k = index*size + j (j < size) is window perm(seed, epoch)[k % n] with
     epoch = k // n and n = windows(split, seq), where perm is `torch.randperm(n)` under a
@@ -98,17 +107,40 @@ def batch(split: Split, seq: int, index: int, size: int, seed: int) -> tuple[tor
     for epoch in epoch_B.unique().tolist():  # one epoch, or two where a batch straddles them
         sel_B = epoch_B == epoch
         ids_B[sel_B] = _perm(n, seed, epoch)[pos_B[sel_B]]
-    return _gather(split, seq, ids_B)
+    return ids_B
 
 
 def eval_batches(split: Split, seq: int, size: int, samples: int | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The windows of `split` in stream order, at most `samples` of them, as (inputs,
     targets) batches of `size` sequences (the last batch may be smaller)."""
+    for ids_B in eval_windows(split, seq, size, samples):
+        yield gather(split, seq, ids_B)
+
+
+def eval_windows(split: Split, seq: int, size: int, samples: int | None = None) -> Iterator[torch.Tensor]:
     n = windows(split, seq)
     total = n if samples is None else min(n, samples)
     for start in range(0, total, size):
-        yield _gather(split, seq, torch.arange(start, min(start + size, total)))
+        yield torch.arange(start, min(start + size, total))
+
+
+def packing(split: Split, seq: int, ids_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For the inputs of windows `ids_B` of a split made of records: (segments, positions),
+    both (B, T) int64. Two positions of a window have the same segment number iff their
+    tokens belong to the same record; a position's number is where it stands in its
+    record's part of the window (0 at the window's start and at each record's first
+    token). The graph keeps attention inside a segment and restarts positions with them.
+    None for a split without records (one continuous stream)."""
+    if split.doc is None:
+        return None
+    idx_BT = ids_B[:, None] * seq + torch.arange(seq)
+    seg_BT = split.doc[idx_BT]
+    t_BT = torch.arange(seq).expand_as(seg_BT)
+    starts_BT = torch.ones_like(seg_BT, dtype=torch.bool)
+    starts_BT[:, 1:] = seg_BT[:, 1:] != seg_BT[:, :-1]
+    first_BT = torch.where(starts_BT, t_BT, 0).cummax(dim=1).values  # where each position's segment began
+    return seg_BT, t_BT - first_BT
 
 
 # ---------------------------------------------------------------- windows and batches
@@ -123,12 +155,18 @@ def _windows(split: Split, seq: int, what: str) -> int:
     return (n_tokens - 1) // seq
 
 
-def _gather(split: Split, seq: int, ids_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather(split: Split, seq: int, ids_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows `ids_B` as (inputs, targets), (B, T) each. A target is IGNORE_INDEX where
+    the mask says it is not a learning target, and where it is the first token of a
+    record (it would be predicted from the record before)."""
     idx_BW = ids_B[:, None] * seq + torch.arange(seq + 1)
     w_BW = split.tokens[idx_BW]
     x_BT, y_BT = w_BW[:, :-1].contiguous(), w_BW[:, 1:].contiguous()
     if split.mask is not None:
         y_BT[~split.mask[idx_BW[:, 1:]]] = IGNORE_INDEX
+    if split.doc is not None:
+        d_BW = split.doc[idx_BW]
+        y_BT[d_BW[:, 1:] != d_BW[:, :-1]] = IGNORE_INDEX
     return x_BT, y_BT
 
 
@@ -151,10 +189,14 @@ def _tail(n_tokens: int, seq: int) -> int:
     return n_tokens - min(n_tokens, max(n_tokens // VALIDATION_FRACTION, seq + 1))
 
 
-def _split_at(tokens_N: torch.Tensor, mask_N: torch.Tensor | None, cut: int) -> tuple[Split, Split]:
-    if mask_N is None:
-        return Split(tokens_N[:cut], None), Split(tokens_N[cut:], None)
-    return Split(tokens_N[:cut], mask_N[:cut]), Split(tokens_N[cut:], mask_N[cut:])
+def _split_at(tokens_N: torch.Tensor, mask_N: torch.Tensor | None, cut: int,
+              doc_N: torch.Tensor | None = None) -> tuple[Split, Split]:
+    def part(t, lo, hi):
+        return None if t is None else t[lo:hi]
+
+    n = tokens_N.numel()
+    return (Split(tokens_N[:cut], part(mask_N, 0, cut), part(doc_N, 0, cut)),
+            Split(tokens_N[cut:], part(mask_N, cut, n), part(doc_N, cut, n)))
 
 
 def _describe(source: str, train: Split, validation: Split, origin: str) -> str:
@@ -184,18 +226,46 @@ def _bytes_tokens(raw: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
 
 
+def _tokenizer(args: dict, base_dir: Path) -> TextTokenizer:
+    """The declaration's tokenizer; a path is relative to `base_dir`, as data paths are."""
+    spec = str(args.get("tokenizer", "bytes"))
+    try:
+        return open_tokenizer(spec if spec == "bytes" else str(base_dir / spec))
+    except TokenizerError as e:
+        raise DataError(e.message, e.hint) from None
+
+
+def _decode(raw: bytes, name: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not valid UTF-8 (byte {e.start})", "a tokenizer reads UTF-8 text") from None
+
+
+def _joined(tok: TextTokenizer, texts: list[str], sep: str) -> torch.Tensor:
+    """Documents as one stream: bytes joined by `sep`; tokenized documents joined by the
+    tokenizer's end-of-sequence token when it has one (a model learns where documents
+    end), else by the tokens of `sep`."""
+    if tok.name == "bytes":
+        return _bytes_tokens(sep.encode("utf-8").join(t.encode("utf-8") for t in texts))
+    glue = [tok.eos_id] if tok.eos_id is not None else tok.encode([sep])[0]
+    ids: list[int] = []
+    for i, doc in enumerate(tok.encode(texts)):
+        ids += (glue if i else []) + doc
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def _load_text(args: dict, base_dir: Path) -> Dataset:
-    """text(path, seq, tokenizer="bytes"): the file's raw bytes are the tokens (vocab 256).
-    Validation is the last max(floor(N/20), seq+1) tokens of the N in the file, train the
-    tokens before it."""
-    tokenizer = args.get("tokenizer", "bytes")
-    if tokenizer != "bytes":
-        raise DataError("tokenizer files arrive with the real-models issue (#4)",
-                        "leave out tokenizer= to use byte-level tokens (vocab 256)")
+    """text(path, seq, tokenizer="bytes"): with bytes, the file's raw bytes are the tokens
+    (vocab 256); with a tokenizer, the file's UTF-8 text encoded without special tokens.
+    Validation is the last max(floor(N/20), seq+1) tokens of the N, train the tokens
+    before it."""
+    tok = _tokenizer(args, base_dir)
     name, seq = args["path"], args["seq"]
-    tokens_N = _bytes_tokens(_read(base_dir, name))
+    raw = _read(base_dir, name)
+    tokens_N = _bytes_tokens(raw) if tok.name == "bytes" else torch.tensor(tok.encode([_decode(raw, name)])[0])
     train, validation = _split_at(tokens_N, None, _tail(tokens_N.numel(), seq))
-    return Dataset("text", VOCAB_BYTES, seq, train, validation, None,
+    return Dataset("text", tok.vocab, seq, train, validation, None,
                    _describe("text", train, validation, name))
 
 
@@ -235,7 +305,7 @@ def _records(raw: bytes, name: str) -> list[tuple[int, dict]]:
     return out
 
 
-def _field(obj: dict, key: str, name: str, lineno: int) -> bytes:
+def _field(obj: dict, key: str, name: str, lineno: int) -> str:
     if key not in obj:
         fields = ", ".join(repr(k) for k in obj) or "none"
         raise DataError(f"{name}:{lineno}: the record has no field {key!r}",
@@ -244,7 +314,52 @@ def _field(obj: dict, key: str, name: str, lineno: int) -> bytes:
     if not isinstance(value, str):
         raise DataError(f"{name}:{lineno}: field {key!r} is {_json_kind(value)}, not a string",
                         "the text fields of every record must be JSON strings")
-    return value.encode("utf-8")
+    return value
+
+
+def _messages(obj: dict, key: str, name: str, lineno: int) -> list[dict]:
+    value = obj.get(key)
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    if key not in obj:
+        _field(obj, key, name, lineno)  # the "no field" message
+    if not ok:
+        raise DataError(f"{name}:{lineno}: field {key!r} is not a list of messages",
+                        'chat records hold [{"role": "user", "content": "..."}, {"role": "assistant", ...}]')
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{name}:{lineno}: the conversation has no assistant message",
+                        "the loss is on the assistant's messages: each record needs at least one")
+    return value
+
+
+def _pieces(tok: TextTokenizer, msgs: list[dict], name: str, lineno: int) -> list[tuple[str, bool]]:
+    """A conversation as (text, is_target) pieces whose concatenation is the template's
+    rendering of the whole conversation. An assistant turn's target is what rendering it
+    adds after the generation prompt: its content and whatever closes the turn (ChatML's
+    <|im_end|>), so the model learns to stop."""
+    out, before = [], ""
+    try:
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                prompt = tok.render(msgs[:i], add_generation_prompt=True)
+                whole = tok.render(msgs[: i + 1], add_generation_prompt=False)
+                if not (prompt.startswith(before) and whole.startswith(prompt)):
+                    raise DataError(f"{name}:{lineno}: the chat template does not render this conversation "
+                                    "turn by turn (an earlier turn changes when a later one is added)",
+                                    "use prompt=/response= with this tokenizer, or a template that renders "
+                                    "conversations incrementally")
+                out += [(prompt[len(before):], False), (whole[len(prompt):], True)]
+            else:
+                whole = tok.render(msgs[: i + 1], add_generation_prompt=False)
+                if not whole.startswith(before):
+                    raise DataError(f"{name}:{lineno}: the chat template does not render this conversation "
+                                    "turn by turn", "use prompt=/response= with this tokenizer")
+                out.append((whole[len(before):], False))
+            before = whole
+    except TemplateError as e:
+        raise DataError(f"{name}:{lineno}: the chat template failed: {e}",
+                        "the template's own message says what it expected of the record") from None
+    return out
 
 
 def _record_tail(lengths_R: torch.Tensor, seq: int) -> int:
@@ -257,43 +372,76 @@ def _record_tail(lengths_R: torch.Tensor, seq: int) -> int:
 
 
 def _load_jsonl(args: dict, base_dir: Path) -> Dataset:
-    """jsonl(path, seq, field=None, prompt=None, response=None): one JSON object a line,
-    blank lines skipped; text is UTF-8 bytes (vocab 256).
+    """jsonl(path, seq, field=None | prompt=, response= | messages=, tokenizer="bytes"): one
+    JSON object a line, blank lines skipped.
 
-    Plain mode (field, default "text"): the field's strings joined by "\\n" into one
-    stream without a mask; validation is the last max(floor(N/20), seq+1) tokens.
+    Plain mode (field, default "text"): the field's strings as one stream without a mask,
+    joined by "\n" (bytes) or the tokenizer's end-of-sequence token; validation is the
+    last max(floor(N/20), seq+1) tokens.
 
-    Instruction mode (prompt and response): each record is prompt + "\\n" + response +
-    "\\n", masked so that only the response and its newline are targets; the records are
-    concatenated into one stream, so a window may span two records (the model sees the
-    previous record as context; packing with attention boundaries comes later).
-    Validation is the last records (see `_record_tail`) when there are at least two,
-    else the last max(floor(N/20), seq+1) tokens.
+    Instruction mode (prompt and response) and chat mode (messages: a list of {role,
+    content}): each record becomes pieces of text, each a target or not (`_pieces`), each
+    piece tokenized on its own, so the mask is exact at the token level. With the
+    tokenizer's chat template, prompt/response is the conversation [user: prompt,
+    assistant: response], and the targets are the assistant's turns as the template closes
+    them. Without one, a record is prompt + "\n" (not a target) and response + "\n" (the
+    target) and, with a tokenizer that has one, its end-of-sequence token (a target).
+    Records are packed into one stream with `doc` marking each token's record, so the
+    graph keeps attention inside a record (`packing`) and a record's first target is never
+    predicted from the record before (`gather`). Validation is the last records (see
+    `_record_tail`) when there are at least two, else the last max(floor(N/20), seq+1)
+    tokens.
     """
     name, seq = args["path"], args["seq"]
+    tok = _tokenizer(args, base_dir)
     records = _records(_read(base_dir, name), name)
-    prompt, response = args.get("prompt"), args.get("response")
-    if prompt is None:
+    prompt, response, chat = args.get("prompt"), args.get("response"), args.get("messages")
+    if prompt is None and chat is None:
         key = "text" if args.get("field") is None else args["field"]
-        tokens_N = _bytes_tokens(b"\n".join(_field(o, key, name, ln) for ln, o in records))
+        tokens_N = _joined(tok, [_field(o, key, name, ln) for ln, o in records], "\n")
         train, validation = _split_at(tokens_N, None, _tail(tokens_N.numel(), seq))
-        return Dataset("jsonl", VOCAB_BYTES, seq, train, validation, None,
+        return Dataset("jsonl", tok.vocab, seq, train, validation, None,
                        _describe("jsonl", train, validation, f"{len(records):,} records of {name}"))
-    parts = []  # prompt + "\n", response + "\n", for each record in turn
+    if chat is not None and tok.chat_template is None:
+        raise DataError(f"{name}: chat records need a chat template, and the tokenizer has none",
+                        "use prompt=/response=, or a checkpoint whose tokenizer_config.json has a chat_template")
+    pieces: list[list[tuple[str, bool]]] = []
     for lineno, obj in records:
-        parts += [_field(obj, prompt, name, lineno) + b"\n", _field(obj, response, name, lineno) + b"\n"]
-    tokens_N = _bytes_tokens(b"".join(parts))
-    lengths_2R = torch.tensor([len(p) for p in parts])
-    mask_N = torch.tensor([False, True]).repeat(len(records)).repeat_interleave(lengths_2R)
-    lengths_R = lengths_2R.view(-1, 2).sum(1)  # (R, 2) -> (R,): tokens per record
+        if chat is not None:
+            msgs = _messages(obj, chat, name, lineno)
+        else:
+            msgs = [{"role": "user", "content": _field(obj, prompt, name, lineno)},
+                    {"role": "assistant", "content": _field(obj, response, name, lineno)}]
+        if tok.chat_template is not None:
+            pieces.append(_pieces(tok, msgs, name, lineno))
+        else:
+            pieces.append([(msgs[0]["content"] + "\n", False), (msgs[1]["content"] + "\n", True)])
+    flat = [p for rec in pieces for p in rec]
+    ids = tok.encode([text for text, _ in flat])
+    eos = [] if tok.chat_template is not None or tok.eos_id is None else [tok.eos_id]
+    tokens, mask, doc, lengths = [], [], [], []
+    k = 0
+    for r, rec in enumerate(pieces):
+        start = len(tokens)
+        for (_, target), piece_ids in zip(rec, ids[k: k + len(rec)]):
+            tokens += piece_ids
+            mask += [target] * len(piece_ids)
+        k += len(rec)
+        tokens += eos
+        mask += [True] * len(eos)
+        doc += [r] * (len(tokens) - start)
+        lengths.append(len(tokens) - start)
+    tokens_N, mask_N, doc_N = torch.tensor(tokens), torch.tensor(mask), torch.tensor(doc)
+    lengths_R = torch.tensor(lengths)
     if len(records) >= 2:
         cut = int(lengths_R[: len(records) - _record_tail(lengths_R, seq)].sum())
     else:
         cut = _tail(tokens_N.numel(), seq)
-    train, validation = _split_at(tokens_N, mask_N, cut)
-    return Dataset("jsonl", VOCAB_BYTES, seq, train, validation, None,
-                   _describe("jsonl", train, validation,
-                             f"{len(records):,} prompt/response records of {name} (loss on responses)"))
+    train, validation = _split_at(tokens_N, mask_N, cut, doc_N)
+    kind = "chat" if chat is not None else "prompt/response"
+    return Dataset("jsonl", tok.vocab, seq, train, validation, None,
+                   _describe("jsonl", train, validation, f"{len(records):,} {kind} records of {name} "
+                             "(loss on responses)"))
 
 
 # ---------------------------------------------------------------- markov
@@ -427,7 +575,7 @@ def _stdlib_docstrings(root: str) -> tuple[list[str], int]:
 
 
 def _load_stdlib_text(args: dict, base_dir: Path) -> Dataset:
-    """stdlib_text(seq): the docstrings (module, class, function) of the standard library's
+    """stdlib_text(seq, tokenizer="bytes"): the docstrings (module, class, function) of the standard library's
     own modules, joined by "\\n\\n", as UTF-8 bytes (vocab 256), cut to STDLIB_CAP bytes.
     Test suites and site-packages are skipped, as are files that do not parse. The same
     Python install always gives the same stream. Validation is the last
@@ -445,9 +593,13 @@ def _load_stdlib_text(args: dict, base_dir: Path) -> Dataset:
     if not docs:
         raise DataError(f"no docstrings found in the standard library at {root}",
                         "this Python install ships without its library sources; use text(...) instead")
-    tokens_N = _bytes_tokens("\n\n".join(docs).encode("utf-8")[:STDLIB_CAP])
+    tok = _tokenizer(args, base_dir)
+    if tok.name == "bytes":
+        tokens_N = _bytes_tokens("\n\n".join(docs).encode("utf-8")[:STDLIB_CAP])
+    else:
+        tokens_N = _joined(tok, docs, "\n\n")
     train, validation = _split_at(tokens_N, None, _tail(tokens_N.numel(), seq))
-    return Dataset("stdlib_text", VOCAB_BYTES, seq, train, validation, None,
+    return Dataset("stdlib_text", tok.vocab, seq, train, validation, None,
                    _describe("stdlib_text", train, validation, f"{files:,} files of {root}"))
 
 

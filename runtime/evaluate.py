@@ -17,13 +17,21 @@ import torch.fx as fx
 from effc.runtime import data as D
 
 
+def _batches(split: D.Split, seq: int, batch: int, samples: int | None):
+    """(inputs, targets, packing args) in stream order; the packing args are (segments,
+    positions) for data made of records, else empty."""
+    for ids in D.eval_windows(split, seq, batch, samples):
+        x, y = D.gather(split, seq, ids)
+        yield x, y, D.packing(split, seq, ids) or ()
+
+
 @torch.no_grad()
 def evaluate(gm: fx.GraphModule, split: D.Split, seq: int, batch: int, samples: int | None = None) -> dict:
     was_training = gm.training
     gm.eval()
     total, count, seqs = 0.0, 0, 0
-    for x, y in D.eval_batches(split, seq, batch, samples):
-        total += float(gm(x, y).double())
+    for x, y, packed in _batches(split, seq, batch, samples):
+        total += float(gm(x, y, *packed).double())
         count += int((y != -100).sum())
         seqs += x.shape[0]
     gm.train(was_training)
@@ -37,10 +45,10 @@ def similarity(a: fx.GraphModule, b: fx.GraphModule, split: D.Split, seq: int, b
     """`a` and `b` are logits graphs (`to_fx(..., output="logits")`)."""
     a.eval(), b.eval()
     total, count = 0.0, 0
-    for x, y in D.eval_batches(split, seq, batch, samples):
+    for x, y, packed in _batches(split, seq, batch, samples):
         keep = (y != -100).flatten()
-        pa = a(x).flatten(0, 1)[keep].softmax(-1)
-        pb = b(x).flatten(0, 1)[keep].softmax(-1)
+        pa = a(x, *packed).flatten(0, 1)[keep].softmax(-1)
+        pb = b(x, *packed).flatten(0, 1)[keep].softmax(-1)
         total += float(torch.nn.functional.cosine_similarity(pa, pb, dim=-1).double().sum())
         count += int(keep.sum())
     return total / max(count, 1)

@@ -146,11 +146,14 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset, spec: TrainSpec, ckpt_roo
         lr = lr_at(s, spec)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = D.batch(data.train, seq, s, spec.batch, spec.seed)
+        ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
+        x, y = D.gather(data.train, seq, ids)
+        packed = D.packing(data.train, seq, ids)  # records' boundaries, for data made of records
+        extras = [t.split(sizes) for t in packed] if packed else []
         count = int((y != -100).sum())
         total = torch.zeros((), dtype=torch.float64)
-        for xm, ym in zip(x.split(sizes), y.split(sizes)):
-            part = gm(xm, ym)
+        for i, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes))):
+            part = gm(xm, ym, *(e[i] for e in extras))
             (part / max(count, 1)).backward()
             total += part.detach().double()
         if spec.clip is not None:

@@ -242,9 +242,9 @@ def test_too_few_tokens_for_seq(tmp_path):
         next(D.eval_batches(numbered(0), 1, 1))
 
 
-def test_tokenizer_files_are_refused(tmp_path):
+def test_a_missing_tokenizer_file_is_a_data_error(tmp_path):
     e = error("text", {"path": write(tmp_path, "t.txt", "abc"), "seq": 1, "tokenizer": "tok.json"}, tmp_path)
-    assert e.message == "tokenizer files arrive with the real-models issue (#4)" and e.hint
+    assert e.message == f"'{tmp_path / 'tok.json'}' does not exist" and e.hint
 
 
 # ---------------------------------------------------------------- markov

@@ -203,7 +203,7 @@ def test_plot_and_show(reference, tmp_path):
     b = effc("build", reference / "p.eff", "-o", tmp_path / "build", cwd=tmp_path)
     assert b.returncode == 0, b.stderr
     fx = effc("show", tmp_path / "build", "--fx", cwd=tmp_path)
-    assert fx.returncode == 0 and "rms_norm" in fx.stdout and "def forward(self, tokens, targets)" in fx.stdout
+    assert fx.returncode == 0 and "rms_norm" in fx.stdout and "def forward(self, tokens, targets, segments = None, positions = None)" in fx.stdout
     dot = effc("show", tmp_path / "build", "--format", "dot", cwd=tmp_path)
     assert dot.returncode == 0, dot.stderr
     paths = dot.stdout.split()
