@@ -1,8 +1,8 @@
 """Every file under examples/ checks cleanly (no errors, no warnings) and is formatted.
 
 Examples that start from a Hugging Face checkpoint name the folder that their header's
-`effc init-checkpoint` command creates under examples/checkpoints/ (ignored by git); the
-fixture below runs the same command when the folder is missing, as a user would."""
+`effc init-checkpoint` command creates under examples/checkpoints/ (ignored by git);
+tests/conftest.py runs the same command when the folder is missing, as a user would."""
 
 from pathlib import Path
 
@@ -12,27 +12,6 @@ from effc.lang.check import check_file
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.eff"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def example_checkpoints():
-    """Run each example's `effc init-checkpoint examples/checkpoints/NAME ...` line whose
-    folder does not exist yet."""
-    import re
-    import shlex
-
-    from typer.testing import CliRunner
-
-    from effc.cli import app
-
-    for path in EXAMPLES:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            m = re.match(r"#\s+effc (init-checkpoint .*?)(\s+#.*)?$", line)
-            if m:
-                args = shlex.split(m.group(1))
-                if not (ROOT / args[1]).exists():
-                    r = CliRunner().invoke(app, [args[0], str(ROOT / args[1]), *args[2:]])
-                    assert r.exit_code == 0, r.output
 
 
 def test_there_are_examples():

@@ -1,0 +1,28 @@
+"""Session set-up shared by every test folder."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def example_checkpoints():
+    """Examples that start from a Hugging Face checkpoint say in their header how to make
+    it (`#   effc init-checkpoint examples/checkpoints/NAME ...`); run each such command
+    whose folder does not exist yet, as a user would, before any test reads the examples."""
+    from typer.testing import CliRunner
+
+    from effc.cli import app
+
+    for path in sorted((ROOT / "examples").glob("*.eff")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            m = re.match(r"#\s+effc (init-checkpoint .*?)(\s+#.*)?$", line)
+            if m:
+                args = shlex.split(m.group(1))
+                if not (ROOT / args[1]).exists():
+                    r = CliRunner().invoke(app, [args[0], str(ROOT / args[1]), *args[2:]])
+                    assert r.exit_code == 0, r.output
