@@ -1,5 +1,6 @@
 """Session set-up shared by every test folder."""
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -7,6 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Tests compare with transformers, PEFT and sentence-transformers on local folders only:
+# the hub must never be asked (read by huggingface_hub when first imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
