@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from effc import __version__
+from effc.compiler.adapters import adapter_id
 from effc.compiler.pipeline import model_ir, snapshot_until
 from effc.lang import ast
 from effc.lang.check import CheckResult, Ref, Step
@@ -176,10 +177,10 @@ class _Run:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def lora_init(self, model: str) -> dict:
+    def adapter_args(self, model: str) -> dict:
+        """Adapter node id -> its technique's checked arguments (for its initialisation)."""
         info = self.r.models[model]
-        return {f"{p}.lora{i}": u.args.get("init", "kaiming")
-                for i, u in enumerate(info.adapters) if u.technique == "lora" for p in u.paths}
+        return {adapter_id(p, u.technique, i): u.args for i, u in enumerate(info.adapters) for p in u.paths}
 
     def source_of(self, model: str) -> CheckpointReader | None:
         """The checkpoint an `hf(...)` model starts from (None for other families), its
@@ -207,7 +208,7 @@ class _Run:
     def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None):
         ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
-        gm, fresh = materialize(ir, seq, state, seed, self.lora_init(model), output)
+        gm, fresh = materialize(ir, seq, state, seed, self.adapter_args(model), output)
         return ir, gm, fresh
 
     def snapshot(self, ref: Ref) -> tuple[State, Span | None]:
