@@ -411,7 +411,18 @@ class _Checker:
         model = self.models.get(stmt.target.model.name)
         scope = "per_loop" if checked.args.get("per_loop") else "shared"
         paths = frozenset(t.path for t in targets)
+        exclusive = R.ADAPTERS.entries[checked.name].exclusive
         for prior in model.adapters:
+            shared = paths & prior.paths
+            if shared and (exclusive or R.ADAPTERS.entries[prior.technique].exclusive) \
+                    and (prior.technique, prior.scope) != (checked.name, scope):
+                first = sorted(shared)[0]
+                alone = checked.name if exclusive else prior.technique
+                self.err("E0209", f"'{first}' already has a {prior.technique} adapter, and {alone} must be the "
+                         "only adapter on its weight", stmt.target.span,
+                         f"the first is at line {prior.span.line}; {alone} rescales the weight, so it does not "
+                         "compose with other adapters: adapt different weights, or use one adapter here")
+                return
             overlap = paths & prior.paths if (prior.technique, prior.scope) == (checked.name, scope) else ()
             if overlap:
                 first = sorted(overlap)[0]
