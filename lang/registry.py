@@ -198,8 +198,12 @@ ADAPTERS = Registry("adapter", {
         "The only adapter on its weight."),
         paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning (IA3) (arXiv:2205.05638)",
         targets=("linear",), exclusive=True),
-}, planned={n: _MODELS for n in ("paca", "svfit", "nola", "mos", "bottleneck", "prompt",
-                                 "embedding_rows", "peft")})
+    "peft": Entry("peft", (
+        Param("path", PathT(), doc="a folder PEFT's save_pretrained wrote (adapter_config.json, adapter_model.safetensors)"),
+    ), "Import a PEFT adapter (LoRA, LoRA with use_dora, or IA3) as effc's lora, dora or ia3 adapters on the modules "
+       "its adapter_config.json targets, starting from its weights. Adapt the whole model: adapt m with peft(\"dir\").",
+        targets=("model",)),
+}, planned={n: _MODELS for n in ("paca", "svfit", "nola", "mos", "bottleneck", "prompt", "embedding_rows")})
 
 SHARING = Registry("sharing technique", {}, planned={"recursive": _COMPRESS})
 PRUNERS = Registry("pruning method", {}, planned={
@@ -220,8 +224,7 @@ PLANNED_STATEMENTS: dict[str, str] = {"tie": _COMPRESS}
 # ---------------------------------------------------------------- statement options
 
 METRICS = EnumT(("loss", "perplexity", "similarity"))
-EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"),
-                       unavailable=("peft", "compressed_tensors"))
+EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"), unavailable=("compressed_tensors",))
 
 STATEMENTS: dict[str, Entry] = {
     "train": Entry("train", (

@@ -5,6 +5,7 @@
 - hf: a folder transformers' Auto classes load (config.json, safetensors, the source
   checkpoint's tokenizer files); adapters are merged into the base weights, since a plain
   transformers model has no place for them (the checker requires merge_adapters=true).
+- peft: the adapters apart, in PEFT's own format (`effc.runtime.peft`).
 
 Each writer returns the adapters it wrote or merged, as records for the run summary.
 The caller (runtime/run.py) owns the folder: it is written in a temporary folder and
