@@ -18,9 +18,9 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
     output gradient, gathered by position); GELU: its input (ffn);
   - LINEAR: its input (in_features) when its weight is trainable (the input gradient
     needs only W);
-  - LORA: its input (in_features; with dropout, the dropped copy, plus a 1-byte mask
-    when the input needs a gradient) and the rank-r intermediate A x, both needed for
-    the A and B gradients;
+  - an adapter node: what its kind says (`AdapterKind.saved`, documented in each kind's
+    module; LoRA: its input, with dropout the dropped copy plus a 1-byte mask when the
+    input needs a gradient, and the rank-r intermediate A x);
   - ROTARY: nothing (backward rotates by -theta using the constant tables);
   - ATTENTION_CORE: q, k, v, its output and a logsumexp per head, as a fused
     (flash-style) kernel does: no T x T matrix is kept. With grouped-query attention
@@ -35,13 +35,14 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
 - forward: at each op, what was saved so far, every output still waiting for a consumer
   (the residual stream, q/k/v before attention), the op's output and its temporaries
   (repeated k and v and a logsumexp in attention; one more output-sized tensor in
-  SwiGLU, RMSNorm, LoRA and a linear with adapters); the worst op counts;
+  SwiGLU, RMSNorm and a linear with adapters; an adapter's, as its kind says); the worst op counts;
 - peak = weights + optimizer + max(gradients + activations + transient, forward).
   Gradients fill up while activations are freed, so the backward term is an upper
   bound: measured against a tensor-level tracker (tests/runtime/test_memory.py) it is
   within a few percent for adapter training and up to ~25% high for full training.
 
-FLOPs per token, with N = elements of the weights of matmul ops (LINEAR and LORA; a tied
+FLOPs per token, with N = elements of the weights of matmul ops (LINEAR and the low-rank
+adapters, whose kinds count the same way; other kinds count their own; a tied
 head's matrix counts, since it is multiplied even though it is stored once) and the
 PaLM convention for attention (Chowdhery et al. 2022, appendix B; no causal halving):
 - forward = 2 N + 4 T d_attn per layer, d_attn = heads * head_dim (QK^T and PV);
@@ -57,12 +58,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from effc.compiler.ir import IR, MATMULS, NORMS, Node, Op, ParamRecord
+from effc.compiler.adapters import kind_of
+from effc.compiler.ir import ADAPTERS, IR, MATMULS, NORMS, Node, Op, ParamRecord
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_STATES = {"adamw": 2}  # fp32 moments per trainable element
 ID_BYTES = 8  # int64 token ids
-MASK_BYTES = 1
 
 
 @dataclass(frozen=True)
@@ -121,14 +122,8 @@ def _saved(ir: IR, rg: dict[str, bool]) -> list[tuple[str, set[str], int]]:
             shared.add(ins[0])
         elif n.op is Op.LINEAR and trainable:
             shared.add(ins[0])
-        elif n.op is Op.LORA:
-            a = n.attrs
-            x = ir.node(ins[0])
-            if a.dropout:  # the mask is kept only when the input needs a gradient
-                extra += _width(x) * (4 + MASK_BYTES * rg[x.id])
-            else:
-                shared.add(x.id)
-            extra += a.rank * 4
+        elif n.op in ADAPTERS:
+            shared, extra = kind_of(n).saved(ir, n, rg)
         elif n.op is Op.ATTENTION_CORE:
             a = n.attrs
             shared.update([ins[0], n.id])
@@ -157,8 +152,10 @@ def _forward_temporaries(ir: IR, n: Node) -> int:
         a = n.attrs
         copies = 2 * a.heads * a.head_dim if a.kv_heads != a.heads else 0  # repeated k and v
         return copies + a.heads  # and the logsumexp
-    if n.op in (Op.SWIGLU, Op.RMSNORM, Op.LORA) or (n.op is Op.LINEAR and len(ir.inputs(n.id)) > 1):
-        return _width(n)  # silu(gate); x * rstd; B(Ax) before scaling; x W^T before adding adapters
+    if n.op in ADAPTERS:
+        return kind_of(n).forward_temporaries(ir, n)
+    if n.op in (Op.SWIGLU, Op.RMSNORM) or (n.op is Op.LINEAR and len(ir.inputs(n.id)) > 1):
+        return _width(n)  # silu(gate); x * rstd; x W^T before adding adapters
     return 0
 
 
@@ -206,7 +203,10 @@ def _matrices(n: Node) -> list[ParamRecord]:
 def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
     fwd = bwd = 0
     for n in ir.nodes():
-        if n.op in MATMULS:
+        if n.op in ADAPTERS:
+            f, b = kind_of(n).flops(ir, n, rg)
+            fwd, bwd = fwd + f, bwd + b
+        elif n.op in MATMULS:
             w = sum(p.numel for p in _matrices(n))
             fwd += 2 * w
             bwd += 2 * w * rg[ir.inputs(n.id)[0]]  # the input gradient

@@ -6,15 +6,18 @@ attribute; an edge `a -> b` with attribute `port` says that `a`'s output is inpu
 `port` of `b`. Activation shapes are symbolic in batch `B` and sequence `T`:
 `("B", "T", 256)`. Every helper returns a new IR; no function here mutates an input.
 
-Adapters are nodes too: a LORA node reads the same input as its target LINEAR (port 0)
-and feeds the LINEAR at port 1, 2, ... in declaration order; a LINEAR computes
-`x @ W.T + sum(adapter inputs)`, which is how adapters on one weight compose additively.
+Adapters are nodes too, one op per kind (`effc.compiler.adapters`): an adapter node
+reads the same input as its target LINEAR (port 0) and feeds the LINEAR at port 1, 2,
+... in declaration order; a LINEAR computes `x @ W.T` and lets each adapter change its
+input or output in that order (LoRA adds its update: `x @ W.T + sum(updates)`).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import os
+import pkgutil
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Iterable, Union
 
@@ -23,27 +26,29 @@ import networkx as nx
 from effc.lang.diagnostics import Span
 
 
-class Op(enum.Enum):
-    EMBEDDING = "embedding"
-    POSITION = "position"  # x + a learned table's row per position (or row 0: token types)
-    RMSNORM = "rmsnorm"
-    LAYERNORM = "layernorm"
-    LINEAR = "linear"
-    ROTARY = "rotary"
-    ATTENTION_CORE = "attention_core"
-    SWIGLU = "swiglu"
-    GELU = "gelu"
-    RESIDUAL_ADD = "residual_add"
-    LORA = "lora"
-    LOSS = "loss"
-    POOL = "pool"  # mean over the sequence's real tokens: an encoder's sentence embedding
+def _adapter_kinds() -> list[str]:
+    """One op per module of `compiler/adapters/` (see its docstring): adding an adapter
+    kind is adding its module there, and its op is named after it."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters")
+    return sorted(m.name for m in pkgutil.iter_modules([folder]) if not m.name.startswith("_"))
 
 
-PARAMETRIC = frozenset({Op.EMBEDDING, Op.POSITION, Op.RMSNORM, Op.LAYERNORM, Op.LINEAR, Op.LORA})
+_BASE_OPS = [
+    "embedding",
+    "position",  # x + a learned table's row per position (or row 0: token types)
+    "rmsnorm", "layernorm", "linear", "rotary", "attention_core", "swiglu", "gelu",
+    "residual_add", "loss",
+    "pool",  # mean over the sequence's real tokens: an encoder's sentence embedding
+]
+Op = enum.Enum("Op", [(name.upper(), name) for name in _BASE_OPS + _adapter_kinds()])
+
+ADAPTERS = frozenset(Op(k) for k in _adapter_kinds())
+PARAMETRIC = frozenset({Op.EMBEDDING, Op.POSITION, Op.RMSNORM, Op.LAYERNORM, Op.LINEAR}) | ADAPTERS
 NORMS = frozenset({Op.RMSNORM, Op.LAYERNORM})
 OUTPUTS = frozenset({Op.LOSS, Op.POOL})  # what a graph ends in
-ADAPTERS = frozenset({Op.LORA})
-MATMULS = frozenset({Op.LINEAR, Op.LORA})  # the ops whose FLOPs are 2 * weight elements per token
+# The ops whose FLOPs come from their weights: 2 per matrix element per token for a
+# LINEAR; an adapter kind's cost hook counts its own (the low-rank kinds follow that rule).
+MATMULS = frozenset({Op.LINEAR}) | ADAPTERS
 
 ROLES = ("embedding", "attention", "mlp", "norm", "head", "adapter")
 BATCH, SEQ = "B", "T"
@@ -147,14 +152,6 @@ class ResidualAttrs:
 
 
 @dataclass(frozen=True)
-class LoraAttrs:
-    rank: int
-    alpha: float
-    dropout: float
-    target: str  # id of the LINEAR node the update is added to
-
-
-@dataclass(frozen=True)
 class LossAttrs:
     vocab: int
 
@@ -163,8 +160,8 @@ ATTRS = {
     Op.EMBEDDING: EmbeddingAttrs, Op.POSITION: PositionAttrs, Op.RMSNORM: NormAttrs,
     Op.LAYERNORM: NormAttrs, Op.LINEAR: LinearAttrs, Op.ROTARY: RotaryAttrs,
     Op.ATTENTION_CORE: AttentionAttrs, Op.SWIGLU: SwigluAttrs, Op.GELU: GeluAttrs,
-    Op.RESIDUAL_ADD: ResidualAttrs, Op.LORA: LoraAttrs, Op.LOSS: LossAttrs, Op.POOL: PoolAttrs,
-}
+    Op.RESIDUAL_ADD: ResidualAttrs, Op.LOSS: LossAttrs, Op.POOL: PoolAttrs,
+}  # adapter ops' records come from their kinds: see attrs_type
 
 
 @dataclass(frozen=True)
@@ -283,7 +280,7 @@ def _node_to_dict(n: Node) -> dict:
 def _node_from_dict(d: dict) -> Node:
     op = Op(d["op"])
     params = tuple(ParamRecord(**{**p, "shape": tuple(p["shape"])}) for p in d["params"])
-    return Node(d["id"], op, ATTRS[op](**d["attrs"]), params,
+    return Node(d["id"], op, attrs_type(op)(**d["attrs"]), params,
                 Span(*d["span"]) if d["span"] else None, tuple(d["shape"]))
 
 
@@ -316,3 +313,21 @@ def dump(ir: IR) -> str:
         lines.append(f"{n.id} = {n.op.value}({args}) {_fmt_attrs(n.attrs)} -> {_fmt_shape(n.shape)}")
         lines.extend(_fmt_param(p) for p in n.params)
     return "\n".join(lines) + "\n"
+
+
+
+def attrs_type(op: Op) -> type:
+    """The attrs record an op's nodes carry (an adapter op's comes from its kind)."""
+    if op in ADAPTERS:
+        from effc.compiler.adapters import KINDS  # the kinds import this module
+        return KINDS[op.value].attrs
+    return ATTRS[op]
+
+
+def __getattr__(name: str):
+    # LoRA's record moved to its kind module; it stays importable from here (PEP 562,
+    # resolved on first use, since the kind module imports this one).
+    if name == "LoraAttrs":
+        from effc.compiler.adapters.lora import LoraAttrs
+        return LoraAttrs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

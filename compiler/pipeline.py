@@ -16,6 +16,7 @@ from effc.compiler.cost import Cost, estimate
 from effc.compiler.ir import IR, IRError
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import InternalError, PassContext, PassReport, run_passes
+from effc.compiler.passes.apply_adapters import APPLY
 from effc.lang import ast
 from effc.lang.check import CheckResult, Step
 from effc.lang.diagnostics import Diagnostic, Span, error
@@ -23,7 +24,7 @@ from effc.lang.types import Bytes
 
 # The pass list, in order, each with its reason.
 PASSES = [
-    "apply_lora",    # adapters declared so far become LORA nodes; the base is frozen
+    *APPLY,          # adapters declared so far become adapter nodes, one pass per kind; the base is frozen
     "assign_roles",  # trainable flags: everything when no adapter exists
 ]
 

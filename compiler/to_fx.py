@@ -28,7 +28,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from effc.compiler.ir import IR, OUTPUTS, IRError, Op, ParamRecord
+from effc.compiler.adapters import kind_of
+from effc.compiler.ir import ADAPTERS, IR, OUTPUTS, IRError, Node, Op, ParamRecord
 from effc.kernels.attention import attention
 from effc.kernels.dropout import Dropout
 from effc.kernels.rmsnorm import rms_norm
@@ -85,6 +86,28 @@ def _add_param(root: nn.Module, p: ParamRecord, device) -> None:
     _module(root, owner).register_parameter(leaf, nn.Parameter(t, requires_grad=p.trainable))
 
 
+class Lowering:
+    """What an adapter kind's lowering (`effc.compiler.adapters`) builds the graph with."""
+
+    def __init__(self, ir: IR, g: fx.Graph, root: nn.Module, weight):
+        self.ir, self.g, self.root, self._weight = ir, g, root, weight
+
+    def call(self, fn, *args, **kwargs) -> fx.Node:
+        return self.g.call_function(fn, args, kwargs)
+
+    def param(self, node: Node, i: int) -> fx.Node:
+        """The node's i-th param (what a tied one reads)."""
+        return self._weight(node, i)
+
+    def linear(self, x: fx.Node, w: fx.Node, bias: fx.Node | None = None) -> fx.Node:
+        return self.call(F.linear, x, w, *(() if bias is None else (bias,)))
+
+    def dropout(self, node: Node, p: float, x: fx.Node) -> fx.Node:
+        """Dropout owned by the node (a module, so train/eval mode switches it)."""
+        _module(self.root, fx_name(node.id)).add_module("dropout", Dropout(p))
+        return self.g.call_module(fx_name(node.id) + ".dropout", (x,))
+
+
 def graph_output(ir: IR) -> str:
     """The default output of an IR's graph: "loss" for a language model, "embedding" for
     an encoder."""
@@ -132,6 +155,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
                 (g.get_attr(f"{name}_cos"), g.get_attr(f"{name}_sin"))
         return tables[key]
 
+    b = Lowering(ir, g, root, weight)
     for n in ir.nodes():
         x = [out[i] for i in ir.inputs(n.id)]
         a = n.attrs
@@ -147,18 +171,15 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         elif n.op is Op.LAYERNORM:
             y = g.call_function(F.layer_norm, (x[0], (a.dim,), weight(n), weight(n, 1), a.eps))
         elif n.op is Op.LINEAR:
-            y = g.call_function(F.linear, (x[0], weight(n)) + ((weight(n, 1),) if a.bias else ()))
-            for update in x[1:]:  # adapters on this weight, in declaration order
-                y = g.call_function(operator.add, (y, update))
-        elif n.op is Op.LORA:
+            adapters = [ir.node(i) for i in ir.inputs(n.id)[1:]]  # in declaration order
             h = x[0]
-            if a.dropout:
-                mod = fx_name(n.id) + ".dropout"
-                _module(root, fx_name(n.id)).add_module("dropout", Dropout(a.dropout))
-                h = g.call_module(mod, (h,))
-            h = g.call_function(F.linear, (h, weight(n, 0)))  # (B, T, rank)
-            h = g.call_function(F.linear, (h, weight(n, 1)))  # (B, T, out)
-            y = g.call_function(operator.mul, (h, a.alpha / a.rank))
+            for m, v in zip(adapters, x[1:]):
+                h = kind_of(m).before(b, m, v, h)
+            y = g.call_function(F.linear, (h, weight(n)) + ((weight(n, 1),) if a.bias else ()))
+            for m, v in zip(adapters, x[1:]):
+                y = kind_of(m).after(b, m, v, y)
+        elif n.op in ADAPTERS:
+            y = kind_of(n).lower(b, n, x[0])
         elif n.op is Op.ROTARY:
             cos, sin = rope(a)
             y = g.call_function(rotary, (x[0], cos, sin, a.heads))

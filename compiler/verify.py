@@ -6,7 +6,9 @@
   node's own output width is what its attrs say (so consecutive shapes agree);
 - param shapes agree with attrs (a linear weight is (out, in), LoRA A (rank, in) and
   B (out, rank)), and roles are known;
-- a LORA node reads its target LINEAR's input and feeds that LINEAR, with matching widths;
+- an adapter node reads its target LINEAR's input and feeds only that LINEAR, and its
+  output and param shapes are what its kind says (`AdapterKind.check`); a LINEAR's
+  inputs after port 0 are its own adapters;
 - param paths are unique; a tied param names an existing untied param of the same shape;
 - there is at least one output (a LOSS, or an encoder's POOL).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from effc.compiler.ir import ATTRS, IR, OUTPUTS, ROLES, IRError, Node, Op
+from effc.compiler.ir import ADAPTERS, IR, OUTPUTS, ROLES, IRError, Node, Op, attrs_type
 
 
 def verify(ir: IR) -> None:
@@ -58,20 +60,23 @@ def _widths(n: Node) -> tuple[list[int], int | None, list[tuple[int, ...]]]:
         return [q, kv, kv], q, []
     if n.op in (Op.SWIGLU, Op.RESIDUAL_ADD):
         return [a.dim, a.dim], a.dim, []
-    if n.op is Op.LORA:
-        return [], None, []  # checked against its target in _check_lora
     return [a.vocab], None, []  # LOSS
 
 
 def _check_node(ir: IR, n: Node) -> None:
-    if not isinstance(n.attrs, ATTRS[n.op]):
-        _fail(n, f"attrs are {type(n.attrs).__name__}, expected {ATTRS[n.op].__name__}")
-    if n.op is Op.LORA:
-        return _check_lora(ir, n)
+    want = attrs_type(n.op)
+    if not isinstance(n.attrs, want):
+        _fail(n, f"attrs are {type(n.attrs).__name__}, expected {want.__name__}")
+    if n.op in ADAPTERS:
+        return _check_adapter(ir, n)
     ins, out, shapes = _widths(n)
-    # A LINEAR's ports after 0 are its adapters' updates, each of the output width.
-    extra = [out] * (len(ir.inputs(n.id)) - len(ins)) if n.op is Op.LINEAR else []
-    _check_inputs(ir, n, ins + extra)
+    srcs = ir.inputs(n.id)
+    if n.op is Op.LINEAR:  # ports after 0 are its adapters (each checks its own value)
+        for s in srcs[1:]:
+            if ir.node(s).op not in ADAPTERS or ir.node(s).attrs.target != n.id:
+                _fail(n, f"input '{s}' after port 0 is not an adapter of this linear")
+        srcs = srcs[:1]
+    _check_inputs(ir, n, srcs, ins)
     if n.op is Op.POOL:  # one vector per sequence
         if n.shape != ("B", out):
             _fail(n, f"output shape {n.shape}, expected ('B', {out})")
@@ -82,8 +87,7 @@ def _check_node(ir: IR, n: Node) -> None:
         _fail(n, f"param shapes {got} do not match the attrs, which need {shapes}")
 
 
-def _check_inputs(ir: IR, n: Node, widths: list[int]) -> None:
-    srcs = ir.inputs(n.id)
+def _check_inputs(ir: IR, n: Node, srcs: list[str], widths: list[int]) -> None:
     if len(srcs) != len(widths):
         _fail(n, f"has {len(srcs)} inputs, expected {len(widths)}")
     for port, (src, w) in enumerate(zip(srcs, widths)):
@@ -98,21 +102,24 @@ def _check_output(n: Node, width: int | None) -> None:
         _fail(n, f"output shape {n.shape}, expected {want}")
 
 
-def _check_lora(ir: IR, n: Node) -> None:
+def _check_adapter(ir: IR, n: Node) -> None:
+    from effc.compiler.adapters import kind_of
     a = n.attrs
     target = ir.node(a.target) if a.target in ir else None
     if target is None or target.op is not Op.LINEAR:
         _fail(n, f"its target '{a.target}' is not a LINEAR node")
-    t = target.attrs
     if ir.outputs(n.id) != [target.id]:
         _fail(n, f"must feed exactly its target '{target.id}', feeds {ir.outputs(n.id)}")
     if ir.inputs(n.id) != ir.inputs(target.id)[:1]:
         _fail(n, f"must read the same input as '{target.id}'")
-    _check_output(n, t.out_features)
+    shape, want = kind_of(n).check(n, target)
+    if n.shape != shape:
+        _fail(n, f"output shape {n.shape}, expected {shape}")
     got = [p.shape for p in n.params]
-    want = [(a.rank, t.in_features), (t.out_features, a.rank)]
     if got != want:
-        _fail(n, f"param shapes {got}, expected A {want[0]} and B {want[1]}")
+        leaves = [p.path.rsplit(".", 1)[-1] for p in n.params]
+        named = " and ".join(f"{leaf} {w}" for leaf, w in zip(leaves, want)) if len(leaves) == len(want) else want
+        _fail(n, f"param shapes {got}, expected {named}")
 
 
 def _check_params(nodes: list[Node]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from effc.lang import ast, registry as R
 from effc.lang.diagnostics import Diagnostic, Span, error, has_errors, sort_diagnostics, warning
 from effc.lang.parser import MAX_DIGITS, parse
+from effc.lang.peft import PeftConfigError, module_name, peft_uses
 from effc.lang.tree import KINDS, Arch, ModelCatalog, Module, Selected, default_catalog, join, walk
 from effc.lang.types import (
     BoolT, Bytes, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, PathT, Registry, SizeT,
@@ -372,6 +373,14 @@ class _Checker:
                     "W0102", "merging the adapter on the tied head unties it from the embedding", stmt.span,
                     f"the export stores the head as its own {a.vocab} x {a.dim} matrix "
                     f"(+{a.vocab * a.dim:,} parameters); the embedding keeps its weights"))
+            if model and opts is not None and opts["format"] == "peft":
+                until = self.snapshot_end(stmt.model.stage.name) if stmt.model.stage else stmt.span
+                uses = [u for u in model.adapters
+                        if until is None or (u.span.line, u.span.col) < (until.line, until.col)]
+                problem = _peft_export_problem(model, uses, opts)
+                if problem:
+                    self.err("E0407", problem[0], stmt.span, problem[1])
+                    return None
             if model and opts is not None:
                 return Step("export", _ref(stmt.model), opts, stmt.span, path=stmt.path.value)
         elif isinstance(stmt, ast.Tie):
@@ -408,7 +417,10 @@ class _Checker:
                 if t.module.kind in entry.targets and t.path not in seen:
                     seen.add(t.path)
                     out.append(t)
-        if not out:
+        if not out and entry.targets == ("model",):
+            self.err("E0206", f"{entry.name} adapts a whole model, and '{_sel_text(sel)}' is part of one", sel.span,
+                     f"select the model by its name: adapt {sel.model.name} with {entry.name}(...)")
+        elif not out:
             kinds = " or ".join(entry.targets)
             self.err("E0206", f"{entry.name} applies to {kinds} modules, and '{_sel_text(sel)}' holds none",
                      sel.span, f"select {kinds} modules, for example {sel.model.name}.layers[*].attn.{{q,v}}")
@@ -416,17 +428,52 @@ class _Checker:
 
     def adapter(self, stmt: ast.Adapt, checked: CallValue, targets: list[Selected]) -> None:
         model = self.models.get(stmt.target.model.name)
+        if checked.name == "peft":
+            return self.peft_adapter(stmt, model, checked.args["path"], targets)
         scope = "per_loop" if checked.args.get("per_loop") else "shared"
-        paths = frozenset(t.path for t in targets)
+        self.add_adapter(stmt, model, checked.name, scope, frozenset(t.path for t in targets), checked.args)
+
+    def add_adapter(self, stmt: ast.Adapt, model: ModelInfo, technique: str, scope: str, paths: frozenset[str],
+                    args: dict) -> bool:
+        exclusive = R.ADAPTERS.entries[technique].exclusive
         for prior in model.adapters:
-            overlap = paths & prior.paths if (prior.technique, prior.scope) == (checked.name, scope) else ()
+            shared = paths & prior.paths
+            if shared and (exclusive or R.ADAPTERS.entries[prior.technique].exclusive) \
+                    and (prior.technique, prior.scope) != (technique, scope):
+                first = sorted(shared)[0]
+                alone = technique if exclusive else prior.technique
+                self.err("E0209", f"'{first}' already has a {prior.technique} adapter, and {alone} must be the "
+                         "only adapter on its weight", stmt.target.span,
+                         f"the first is at line {prior.span.line}; {alone} rescales the weight, so it does not "
+                         "compose with other adapters: adapt different weights, or use one adapter here")
+                return False
+            overlap = paths & prior.paths if (prior.technique, prior.scope) == (technique, scope) else ()
             if overlap:
                 first = sorted(overlap)[0]
-                self.err("E0207", f"'{first}' already has a {scope} {checked.name} adapter", stmt.target.span,
+                self.err("E0207", f"'{first}' already has a {scope} {technique} adapter", stmt.target.span,
                          f"the first is at line {prior.span.line}; two adapters of one kind and scope on a "
                          "weight are ambiguous (a per-loop adapter may sit beside a shared one)")
+                return False
+        model.adapters.append(AdapterUse(technique, scope, paths, stmt.span, args))
+        return True
+
+    def peft_adapter(self, stmt: ast.Adapt, model: ModelInfo, folder: str, targets: list[Selected]) -> None:
+        """`adapt m with peft("dir")`: the adapters adapter_config.json describes (lang.peft)."""
+        family = hf_family(model)
+        span = self.arg_span(stmt.technique, "path") if stmt.technique.keywords else stmt.technique.args[0].span
+        if family is None:
+            self.err("E0408", f"peft(...) adapters load onto Hugging Face models, and '{model.name}' is a "
+                     f"{model.family} model", stmt.target.span, "declare the model with hf(\"dir\") or decoder(...)")
+            return
+        linears = [t.path for s in targets for t in walk(s) if t.module.kind == "linear"]
+        try:
+            uses = peft_uses(folder, family, linears)
+        except PeftConfigError as e:
+            self.err("E0408", e.message, span, e.hint)
+            return
+        for u in uses:
+            if not self.add_adapter(stmt, model, u.technique, "shared", u.paths, u.args):
                 return
-        model.adapters.append(AdapterUse(checked.name, scope, paths, stmt.span, checked.args))
 
     def snapshot_end(self, stage: str) -> Span | None:
         """Where `M@stage` is taken: the start of the stage after it (None: after the last)."""
@@ -849,6 +896,48 @@ class _Checker:
                      f"paths are relative to the .eff file's folder; looked for {full}")
             return BAD
         return full
+
+
+def hf_family(model: ModelInfo) -> str | None:
+    """The Hugging Face family of a model's parameter names: an hf(...) model's, and the
+    built-in decoder's, which exports as Llama; None for any other family."""
+    if model.family == "hf":
+        return model.args.get("hf_family")
+    return "llama" if model.family == "decoder" else None
+
+
+def _peft_export_problem(model: ModelInfo, uses: list[AdapterUse], opts: dict) -> tuple[str, str] | None:
+    """Why format=peft cannot hold the model's adapters exactly, or None."""
+    name = model.name
+    family = hf_family(model)
+    if family is None:
+        return (f"format=peft writes adapters for a Hugging Face model, and '{name}' is a {model.family} model",
+                "declare the model with hf(\"dir\") or decoder(...)")
+    if opts["merge_adapters"]:
+        return ("format=peft writes the adapters apart from the base model, so merge_adapters=true contradicts it",
+                "drop merge_adapters=true, or export with format=hf to merge them")
+    if not uses:
+        return f"'{name}' has no adapters at this point: format=peft would write nothing", \
+            "adapt the model first, or export with format=hf"
+    kinds = sorted({u.technique for u in uses})
+    if len(kinds) > 1:
+        return (f"'{name}' has {' and '.join(kinds)} adapters, and a PEFT adapter holds one kind",
+                "export the model with one kind of adapter (format=effc keeps them all)")
+    seen: dict[str, AdapterUse] = {}
+    for u in uses:
+        for p in sorted(u.paths):
+            if p in seen:
+                return (f"'{p}' has two {u.technique} adapters, and a PEFT adapter holds one per module",
+                        f"the first is at line {seen[p].span.line}; format=effc keeps both")
+            seen[p] = u
+            if module_name(family, p) is None:
+                return (f"'{p}' is one third of GPT-2's fused attention projection (c_attn), which PEFT "
+                        "adapts only as a whole", "adapt attn.o, mlp.up or mlp.down, or export with format=effc")
+    dropouts = sorted({u.args.get("dropout", 0.0) for u in uses})
+    if len(dropouts) > 1:
+        return (f"the adapters use dropout {' and '.join(map(str, dropouts))}, and a PEFT adapter has one lora_dropout",
+                "give every adapt statement the same dropout")
+    return None
 
 
 def _ref(ref: ast.ModelRef) -> Ref:

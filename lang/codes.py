@@ -40,6 +40,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0206": ("technique does not apply", "The technique applies to modules of certain kinds (lora: linear layers), and the selection holds none."),
     "E0207": ("duplicate adapter", "Two adapters of the same kind and scope on one weight would be ambiguous. Adapters of different kinds or scopes compose additively."),
     "E0208": ("kind filter matches nothing", "The ':kind' filter removed every selected module."),
+    "E0209": ("adapter must be alone on its weight", "DoRA and IA3 rescale the weight they adapt, so they do not compose with other adapters on the same weight: a weight with a dora or ia3 adapter has no other adapter."),
     # calls, arguments and options
     "E0301": ("unknown name in registry", "No model family, data source, technique, optimizer, schedule or merge of that name exists. The hint lists the available ones."),
     "E0302": ("not available in this version", "The name or option is part of the settled language but its implementation has not landed in this version of effc. It is refused rather than ignored."),
@@ -61,6 +62,8 @@ CODES: dict[str, tuple[str, str]] = {
     "E0404": ("over the memory budget", "The cost estimate predicts a peak memory for a train step above the file's budget(memory=...). The hint names the largest contributor."),
     "E0403": ("option needs another option", "An option only makes sense with another (for example metrics=[similarity] needs against=)."),
     "E0405": ("data and model disagree", "The data produces token ids the model's vocabulary cannot hold (byte-level text needs vocab >= 256), or sequences longer than the model's seq."),
+    "E0407": ("format=peft cannot hold the adapters", "PEFT's adapter folder holds one kind of adapter (lora, dora or ia3), one per module, on a Hugging Face model's modules, apart from the base weights. The message says which of these the model breaks: another family, merge_adapters=true, no adapters, mixed kinds, two adapters on one weight, differing dropouts, or GPT-2's fused q, k, v."),
+    "E0408": ("PEFT adapter cannot be imported", "peft(\"dir\") reads the folder's adapter_config.json at check time: it must exist, be a LoRA (optionally use_dora) or IA3 adapter without options effc would compute differently (use_rslora, a bias, modules_to_save), and target linear layers of a Hugging Face (or decoder) model."),
     "E0501": ("data cannot be read", "At run time a data file was missing, empty or malformed, or holds too few tokens for one sequence. The message names the file and line."),
     "E0502": ("export would overwrite", "An export folder already exists. effc never overwrites an export silently: pass --force, or choose another path."),
     "E0503": ("files cannot be read or written", "The run folder, a checkpoint in it, or an export folder cannot be read or written (a permission problem, a full disk, or a corrupt checkpoint)."),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -268,3 +269,62 @@ def hf_derived(args: Mapping) -> dict:
     """Args the rest of the checker reads from any model (vocab, seq), and the family."""
     m = read_hf(str(args["path"]), args.get("seq"))
     return {"vocab": m.arch.vocab, "seq": m.arch.seq, "hf_family": m.family, "architecture": m.architecture}
+
+
+# ---------------------------------------------------------------- parameter names
+# (effc's canonical paths -> Hugging Face names, per family; effc.runtime.hf documents
+# the tables and reads checkpoints with them, the checker maps PEFT's module names.)
+
+@dataclass(frozen=True)
+class Source:
+    """Where a canonical tensor comes from: the HF name, whether it is stored (in, out)
+    (GPT-2's Conv1D), and for a fused tensor which of `parts` equal slices along the
+    output dimension it is."""
+
+    name: str
+    transposed: bool = False
+    part: int = 0
+    parts: int = 1
+
+
+_LLAMA_LAYER = {"attn_norm": "input_layernorm", "attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
+                "attn.v": "self_attn.v_proj", "attn.o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
+                "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+_GPT2_LAYER = {"attn_norm": "ln_1", "attn.o": "attn.c_proj", "mlp_norm": "ln_2", "mlp.up": "mlp.c_fc",
+               "mlp.down": "mlp.c_proj"}
+_BERT_LAYER = {"attn.q": "attention.self.query", "attn.k": "attention.self.key", "attn.v": "attention.self.value",
+               "attn.o": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+               "mlp.up": "intermediate.dense", "mlp.down": "output.dense", "mlp_norm": "output.LayerNorm"}
+_TOP = {
+    "llama": {"embed": "model.embed_tokens", "norm": "model.norm", "head": "lm_head"},
+    "gpt2": {"embed": "transformer.wte", "pos_embed": "transformer.wpe", "norm": "transformer.ln_f", "head": "lm_head"},
+    "bert": {"embed": "embeddings.word_embeddings", "pos_embed": "embeddings.position_embeddings",
+             "type_embed": "embeddings.token_type_embeddings", "embed_norm": "embeddings.LayerNorm"},
+}
+_LAYER_PREFIX = {"llama": "model.layers.{i}.", "gpt2": "transformer.h.{i}.", "bert": "encoder.layer.{i}."}
+_LAYERS = {"llama": _LLAMA_LAYER, "gpt2": _GPT2_LAYER, "bert": _BERT_LAYER}
+# Where a family's model sits inside a task model's checkpoint (GPT2Model has no
+# "transformer.", BertForMaskedLM has "bert."): tried in turn when a name is missing.
+_PREFIXES = {"llama": ("model.", ""), "gpt2": ("transformer.", ""), "bert": ("", "bert.")}
+_LAYER_RE = re.compile(r"^layers\[(\d+)\]\.(.+)$")
+
+
+def source(family: str, path: str) -> Source:
+    """The Hugging Face source of a canonical param path ('layers[0].attn.q.weight')."""
+    module, _, leaf = path.rpartition(".")
+    m = _LAYER_RE.match(module)
+    if m is None:
+        if module not in _TOP[family]:
+            raise KeyError(path)
+        return Source(f"{_TOP[family][module]}.{leaf}")
+    i, rel = m.group(1), m.group(2)
+    prefix = _LAYER_PREFIX[family].format(i=i)
+    if family == "gpt2":
+        conv = leaf == "weight"  # Conv1D weights are (in, out); biases are plain vectors
+        if rel in ("attn.q", "attn.k", "attn.v"):
+            return Source(f"{prefix}attn.c_attn.{leaf}", conv, "qkv".index(rel[-1]), 3)
+        if rel in ("attn.o", "mlp.up", "mlp.down"):
+            return Source(f"{prefix}{_GPT2_LAYER[rel]}.{leaf}", conv)
+    if rel not in _LAYERS[family]:
+        raise KeyError(path)
+    return Source(f"{prefix}{_LAYERS[family][rel]}.{leaf}")

@@ -202,20 +202,38 @@ def _lora_targets(a: dict, targets: list) -> list[Problem]:
     return []
 
 
+_RANK = Param("rank", IntT(min=1), doc="rank r of the update B·A")
+_ALPHA = Param("alpha", FloatT(min=0, min_open=True), None, "scale numerator: the update is (alpha/r)·B·A",
+               default_doc="rank")
+_DROPOUT = Param("dropout", FloatT(min=0, max=1, max_open=True), 0.0, "dropout on the adapter's input")
+_INIT = Param("init", EnumT(("kaiming", "gaussian")), "kaiming", "initialisation of A (B starts at zero)")
+
 ADAPTERS = Registry("adapter", {
     "lora": Entry("lora", (
-        Param("rank", IntT(min=1), doc="rank r of the update B·A"),
-        Param("alpha", FloatT(min=0, min_open=True), None, "scale numerator: the update is (alpha/r)·B·A",
-              default_doc="rank"),
-        Param("dropout", FloatT(min=0, max=1, max_open=True), 0.0, "dropout on the adapter's input"),
-        Param("init", EnumT(("kaiming", "gaussian")), "kaiming", "initialisation of A (B starts at zero)"),
+        _RANK, _ALPHA, _DROPOUT, _INIT,
         Param("per_loop", BoolT(), False, "one adapter per recursion loop (Relaxed Recursive Transformers)",
               available=False),
     ), "Low-rank adaptation: a frozen weight W plus a trained low-rank update (alpha/r)·B·A.",
         paper="Hu et al. 2021, LoRA (arXiv:2106.09685)", targets=("linear",),
         target_constraints=_lora_targets),
-}, planned={n: _MODELS for n in ("dora", "paca", "svfit", "nola", "mos", "bottleneck", "prompt",
-                                 "embedding_rows", "ia3", "peft")})
+    "dora": Entry("dora", (_RANK, _ALPHA, _DROPOUT, _INIT), (
+        "Weight-decomposed low-rank adaptation: W' = m·(W + (alpha/r)·B·A) / ||W + (alpha/r)·B·A||, the norm "
+        "taken per output row and detached (as PEFT computes it); the magnitude m starts at ||W||. "
+        "The only adapter on its weight."),
+        paper="Liu et al. 2024, DoRA (arXiv:2402.09353)", targets=("linear",),
+        target_constraints=_lora_targets, exclusive=True),
+    "ia3": Entry("ia3", (), (
+        "Learned scaling vectors (start at 1): the output of each target, except an MLP's down projection, "
+        "whose input is scaled (PEFT's feedforward modules). Typical targets: attn.{k,v} and mlp.down. "
+        "The only adapter on its weight."),
+        paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning (IA3) (arXiv:2205.05638)",
+        targets=("linear",), exclusive=True),
+    "peft": Entry("peft", (
+        Param("path", PathT(), doc="a folder PEFT's save_pretrained wrote (adapter_config.json, adapter_model.safetensors)"),
+    ), "Import a PEFT adapter (LoRA, LoRA with use_dora, or IA3) as effc's lora, dora or ia3 adapters on the modules "
+       "its adapter_config.json targets, starting from its weights. Adapt the whole model: adapt m with peft(\"dir\").",
+        targets=("model",)),
+}, planned={n: _MODELS for n in ("paca", "svfit", "nola", "mos", "bottleneck", "prompt", "embedding_rows")})
 
 SHARING = Registry("sharing technique", {}, planned={"recursive": _COMPRESS})
 PRUNERS = Registry("pruning method", {}, planned={
@@ -236,8 +254,7 @@ PLANNED_STATEMENTS: dict[str, str] = {"tie": _COMPRESS}
 # ---------------------------------------------------------------- statement options
 
 METRICS = EnumT(("loss", "perplexity", "similarity"))
-EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"),
-                       unavailable=("peft", "compressed_tensors"))
+EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"), unavailable=("compressed_tensors",))
 
 STATEMENTS: dict[str, Entry] = {
     "train": Entry("train", (

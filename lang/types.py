@@ -187,6 +187,8 @@ class Entry:
     paper: str | None = None
     # technique entries: the module kinds the technique applies to
     targets: tuple[str, ...] = ()
+    # adapters that rescale the weight (DoRA, IA3): the only adapter on each weight they adapt
+    exclusive: bool = False
     # (args) -> problems: constraints between arguments (heads must divide dim, ...)
     constraints: Callable[[dict], list[Problem]] | None = field(default=None, compare=False)
     # (args, targets) -> problems: constraints against the selected modules' shapes

@@ -5,6 +5,7 @@
 - hf: a folder transformers' Auto classes load (config.json, safetensors, the source
   checkpoint's tokenizer files); adapters are merged into the base weights, since a plain
   transformers model has no place for them (the checker requires merge_adapters=true).
+- peft: the adapters apart, in PEFT's own format (`effc.runtime.peft`).
 
 Each writer returns the adapters it wrote or merged, as records for the run summary.
 The caller (runtime/run.py) owns the folder: it is written in a temporary folder and
@@ -17,7 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from effc import __version__
-from effc.compiler.ir import IR, Op
+from effc.compiler.ir import ADAPTERS, IR
 from effc.lang.check import ModelInfo
 from effc.runtime.checkpoint import atomic_write_json, write_tensors
 from effc.runtime.hf import CheckpointReader, HFError, decoder_config, write_hf
@@ -31,14 +32,14 @@ class ExportError(Exception):
 
 
 def adapter_records(ir: IR) -> list[dict]:
-    return [{"node": n.id, "technique": "lora", "target": n.attrs.target, "rank": n.attrs.rank,
-             "alpha": n.attrs.alpha, "dropout": n.attrs.dropout}
-            for n in ir.nodes() if n.op is Op.LORA]
+    """One record per adapter node: its node id, technique and attrs (target included)."""
+    return [{"node": n.id, "technique": n.op.value, **dataclasses.asdict(n.attrs)}
+            for n in ir.nodes() if n.op in ADAPTERS]
 
 
 def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool, pipeline: str) -> list[dict]:
     adapters = adapter_records(ir)
-    adapter_keys = {k for a in adapters for k in (f"{a['node']}.A", f"{a['node']}.B")}
+    adapter_keys = {p.path for n in ir.nodes() if n.op in ADAPTERS for p in n.params}
     if merge:
         write_tensors(folder / "model.safetensors", merged_state(ir, state))
     else:

@@ -12,9 +12,9 @@ Initialisation (Llama/GPT-2 practice): embeddings and linear weights N(0, 0.02),
 output projections of attention and MLP (`attn.o`, `mlp.down`) N(0, 0.02/sqrt(2 layers))
 so the residual stream does not grow with depth (Radford et al. 2019), learned position
 and token-type tables N(0, 0.02), norm weights 1, biases 0.
-LoRA (Hu et al. 2021): B = 0 so training starts from the base model; A with
-init=kaiming is uniform(+-1/sqrt(in)), torch's default for a linear layer of that
-width, and with init=gaussian N(0, 1/rank).
+Adapters are initialised by their kind (`effc.compiler.adapters`; LoRA, Hu et al. 2021:
+B = 0 so training starts from the base model; A with init=kaiming is uniform(+-1/sqrt(in)),
+torch's default for a linear layer of that width, and with init=gaussian N(0, 1/rank)).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import math
 import torch
 import torch.fx as fx
 
-from effc.compiler.ir import IR, NORMS, Op, ParamRecord
+from effc.compiler.adapters import kind_of
+from effc.compiler.ir import ADAPTERS, IR, NORMS, Op, ParamRecord
 from effc.compiler.to_fx import fx_name, to_fx
 
 State = dict[str, torch.Tensor]
@@ -37,49 +38,54 @@ def param_seed(seed: int, path: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _init(p: ParamRecord, node, layers: int, seed: int, lora_init: dict) -> torch.Tensor:
+def _init(p: ParamRecord, node, layers: int, seed: int, args: dict, base: dict) -> torch.Tensor:
+    """A fresh param; `args` and `base` (the target's params by leaf) are for adapters."""
     g = torch.Generator().manual_seed(param_seed(seed, p.path))
     t = torch.empty(p.shape, dtype=getattr(torch, p.dtype))
     leaf = p.path.rsplit(".", 1)[-1]
+    if node.op in ADAPTERS:
+        return kind_of(node).init(node, leaf, t, g, args, base)
     if node.op in NORMS:
         return t.fill_(1.0) if leaf == "weight" else t.zero_()
     if leaf == "bias":
         return t.zero_()
-    if node.op is Op.LORA:
-        if leaf == "B":
-            return t.zero_()
-        if lora_init.get(node.id) == "gaussian":
-            return t.normal_(0.0, 1.0 / node.attrs.rank, generator=g)
-        bound = 1.0 / math.sqrt(p.shape[1])  # A is (rank, in)
-        return t.uniform_(-bound, bound, generator=g)
     std = 0.02
     if node.id.endswith((".attn.o", ".mlp.down")):
         std /= math.sqrt(2 * max(layers, 1))
     return t.normal_(0.0, std, generator=g)
 
 
-def materialize(ir: IR, seq: int, state: State, seed: int, lora_init: dict | None = None,
+def materialize(ir: IR, seq: int, state: State, seed: int, adapter_args: dict | None = None,
                 output: str | None = None) -> tuple[fx.GraphModule, list[str]]:
     """The fx graph of `ir` with its params taken from `state` or initialised.
 
-    Returns the graph module and the paths it initialised. `lora_init` maps a LORA node
-    id to its `init` choice (default kaiming)."""
+    Returns the graph module and the paths it initialised. `adapter_args` maps an
+    adapter node id to its technique's arguments (LoRA's `init` choice, default kaiming).
+    Adapters are filled after every base param, since some start from their target's
+    weight (DoRA's magnitude is its row norms)."""
     gm = to_fx(ir, seq, "cpu", output)
     layers = sum(1 for n in ir.nodes() if n.op is Op.RESIDUAL_ADD) // 2
     fresh = []
+    nodes = ir.nodes()
+
+    def param(p: ParamRecord) -> torch.nn.Parameter:
+        return gm.get_parameter(fx_name(p.tied_to or p.path))
+
     with torch.no_grad():
-        for n in ir.nodes():
+        for n in [n for n in nodes if n.op not in ADAPTERS] + [n for n in nodes if n.op in ADAPTERS]:
+            base = ({q.path.rsplit(".", 1)[-1]: param(q) for q in ir.node(n.attrs.target).params}
+                    if n.op in ADAPTERS else {})
             for p in n.params:
                 if p.tied_to is not None:
                     continue
-                target = gm.get_parameter(fx_name(p.path))
+                target = param(p)
                 if p.path in state:
                     src = state[p.path]
                     if tuple(src.shape) != p.shape:
                         raise ValueError(f"state has {p.path} of shape {tuple(src.shape)}, the IR says {p.shape}")
                     target.copy_(src)
                 else:
-                    target.copy_(_init(p, n, layers, seed, lora_init or {}))
+                    target.copy_(_init(p, n, layers, seed, (adapter_args or {}).get(n.id, {}), base))
                     fresh.append(p.path)
     return gm, fresh
 
@@ -97,16 +103,22 @@ def trainable(gm: fx.GraphModule, ir: IR) -> list[tuple[str, torch.nn.Parameter]
 
 
 def merged_state(ir: IR, state: State) -> State:
-    """Adapters folded into their base weights: W + (alpha/rank) B A for each LoRA, in
-    declaration order; the result has the base model's params only."""
+    """Adapters folded into their base weights in declaration order (LoRA: W + (alpha/rank)
+    B A; each kind's `merge`); the result has the base model's params only. Raises
+    CannotMerge for a kind whose update has no exact fold."""
     out = {k: v.clone() for k, v in state.items()}
     for n in ir.nodes():
-        if n.op is Op.LORA:
-            a = n.attrs
-            A, B = out.pop(f"{n.id}.A"), out.pop(f"{n.id}.B")
-            base = ir.node(a.target).params[0]
-            w = out.get(base.path)
+        if n.op in ADAPTERS:
+            params = {p.path.rsplit(".", 1)[-1]: out.pop(p.path) for p in n.params}
+            target = ir.node(n.attrs.target)
+            w_rec = target.params[0]
+            b_rec = target.params[1] if len(target.params) > 1 else None
+            w = out.get(w_rec.path)
             if w is None:  # a tied weight with its own update is no longer tied
-                w = out[base.tied_to]
-            out[base.path] = w + (a.alpha / a.rank) * (B.double() @ A.double()).to(w.dtype)
+                w = out[w_rec.tied_to]
+            bias = out.get(b_rec.path) if b_rec else None
+            w, bias = kind_of(n).merge(n, params, w, bias)
+            out[w_rec.path] = w
+            if b_rec:
+                out[b_rec.path] = bias
     return out

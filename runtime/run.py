@@ -29,15 +29,17 @@ import signal
 import sys
 import tempfile
 import time
+from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from effc import __version__
+from effc.compiler.adapters import adapter_id
 from effc.compiler.pipeline import model_ir, snapshot_until
 from effc.lang import ast
-from effc.lang.check import CheckResult, Ref, Step
+from effc.lang.check import CheckResult, Ref, Step, hf_family
 from effc.lang.diagnostics import Diagnostic, Span, error
 from effc.lang.hf import HFConfigError, read_hf
 from effc.runtime import data as D
@@ -48,6 +50,7 @@ from effc.runtime import export as E
 from effc.runtime.evaluate import evaluate, similarity
 from effc.runtime.hf import CheckpointReader, HFError
 from effc.runtime.model import State, materialize, state_of
+from effc.runtime.peft import PeftError, export_peft, read_peft
 from effc.runtime.train import Hooks, Interrupted, TrainSpec, train
 
 EVAL_BATCH = 8
@@ -176,10 +179,8 @@ class _Run:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def lora_init(self, model: str) -> dict:
-        info = self.r.models[model]
-        return {f"{p}.lora{i}": u.args.get("init", "kaiming")
-                for i, u in enumerate(info.adapters) if u.technique == "lora" for p in u.paths}
+    def adapter_args(self, model: str) -> dict:
+        return adapter_args(self.r.models[model])
 
     def source_of(self, model: str) -> CheckpointReader | None:
         """The checkpoint an `hf(...)` model starts from (None for other families), its
@@ -207,7 +208,14 @@ class _Run:
     def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None):
         ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
-        gm, fresh = materialize(ir, seq, state, seed, self.lora_init(model), output)
+        args = self.adapter_args(model)
+        if any("peft" in a for a in args.values()):  # imported adapters start from their tensors
+            try:
+                imported = read_peft(ir, args, hf_family(self.r.models[model]))
+            except PeftError as e:
+                self.fail("E0504", f"model '{model}': {e.message}", self.r.models[model].span, e.hint)
+            state = ChainMap(state, imported)
+        gm, fresh = materialize(ir, seq, state, seed, args, output)
         return ir, gm, fresh
 
     def snapshot(self, ref: Ref) -> tuple[State, Span | None]:
@@ -242,14 +250,16 @@ class _Run:
 
     @functools.cached_property
     def _checkpoint_stamps(self) -> dict:
-        """Each hf(...) folder's files with their sizes and modification times: cheap to
+        """Each hf(...) and peft(...) folder's files with their sizes and modification times: cheap to
         read for a checkpoint of any size, and changed by any rewrite of its weights."""
         out = {}
-        for name, info in sorted(self.r.models.items()):
-            if info.family == "hf":
-                folder = Path(str(info.args["path"]))
-                out[name] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                                   for f in folder.iterdir() if f.is_file()) if folder.is_dir() else "missing"
+        folders = [(name, str(info.args["path"])) for name, info in sorted(self.r.models.items()) if info.family == "hf"]
+        folders += [(f"{name}:peft{i}", u.args["peft"]) for name, info in sorted(self.r.models.items())
+                    for i, u in enumerate(info.adapters) if "peft" in u.args]  # imported adapters' folders
+        for key, path in folders:
+            folder = Path(path)
+            out[key] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                              for f in folder.iterdir() if f.is_file()) if folder.is_dir() else "missing"
         return out
 
     def stage_key(self, index: int, prev: str) -> str:
@@ -433,9 +443,11 @@ class _Run:
             try:
                 if fmt == "hf":
                     adapters = E.export_hf(tmp, ir, state, info, self.source_of(model))
+                elif fmt == "peft":
+                    adapters = export_peft(tmp, ir, state, info, self.source_of(model), target)
                 else:
                     adapters = E.export_effc(tmp, ir, state, info, merge, self.r.program.name or self.file.stem)
-            except E.ExportError as e:
+            except (E.ExportError, PeftError) as e:
                 self.fail("E0504", e.message, step.span, e.hint)
             if target.exists():
                 old = target.with_name(f".{target.name}.old")
@@ -449,6 +461,11 @@ class _Run:
                 shutil.rmtree(tmp)
         self.summary.exports.append(str(target))
         self.rep.line(f"  exported {model} to {step.path}" + (" (adapters merged)" if merge and adapters else ""))
+
+
+def adapter_args(info) -> dict:
+    """Adapter node id -> its technique's checked arguments (its initialisation reads them)."""
+    return {adapter_id(p, u.technique, i): u.args for i, u in enumerate(info.adapters) for p in u.paths}
 
 
 def _done_key(done: Path) -> str | None:

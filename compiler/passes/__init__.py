@@ -95,4 +95,4 @@ def run_passes(ir: IR, names: list[str], ctx: PassContext,
 
 
 # One pass a module; importing them registers them (after the registry above exists).
-from effc.compiler.passes import apply_lora, assign_roles  # noqa: E402,F401
+from effc.compiler.passes import apply_adapters, assign_roles  # noqa: E402,F401

@@ -2,13 +2,14 @@
 
 The policy of this issue: a model without adapters trains everything; a model with
 adapters trains only them (LoRA's frozen base, Hu et al. 2021). The pass is idempotent,
-so running it after `apply_lora` rewrites nothing; a rewrite is one flag changed.
+so running it after the `apply_<kind>` passes rewrites nothing; a rewrite is one flag changed.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from effc.compiler.adapters import KINDS
 from effc.compiler.ir import ADAPTERS, IR
 from effc.compiler.passes import PassContext, register
 
@@ -18,6 +19,6 @@ def set_trainable(ir: IR) -> tuple[IR, int]:
     return ir.map_params(lambda p: replace(p, trainable=not adapted or p.role == "adapter"))
 
 
-@register("assign_roles", after=("apply_lora",))
+@register("assign_roles", after=tuple(f"apply_{k}" for k in sorted(KINDS)))
 def assign_roles(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     return set_trainable(ir)

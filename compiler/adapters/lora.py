@@ -1,0 +1,98 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685): y = x W^T + (alpha / r) · dropout(x) A^T B^T.
+
+Params A (r, in) and B (out, r). Init: B = 0, so training starts from the base model;
+A with init=kaiming uniform(±1/sqrt(in)) (torch's default for a linear layer of that
+width), with init=gaussian N(0, 1/r). Merge: W + (alpha / r) B A. Cost: saves its input
+(with dropout, the dropped copy and a 1-byte mask when the input needs a gradient) and
+the rank-r intermediate A x, both needed for the A and B gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+from effc.compiler.adapters import AdapterKind, adapter_param, register
+from effc.compiler.ir import IR, Node, Op
+
+MASK_BYTES = 1
+
+
+@dataclass(frozen=True)
+class LoraAttrs:
+    rank: int
+    alpha: float
+    dropout: float
+    target: str  # id of the LINEAR node the update is added to
+
+
+def lora_update(x, A, B, scale: float):
+    """The reference: scale · x A^T B^T, (..., in) -> (..., out)."""
+    return (x @ A.T) @ B.T * scale
+
+
+def low_rank(b, node: Node, x, scale: float, A: int = 0, B: int = 1):
+    """scale · B A dropout(x) in the fx graph: two linears and a product, so the (r, in)
+    and (out, r) matrices are never multiplied out."""
+    a = node.attrs
+    h = b.dropout(node, a.dropout, x) if a.dropout else x
+    h = b.linear(h, b.param(node, A))  # (B, T, rank)
+    h = b.linear(h, b.param(node, B))  # (B, T, out)
+    return b.call(operator.mul, h, scale)
+
+
+def low_rank_init(node: Node, leaf: str, t, g, args: dict):
+    if leaf == "B":
+        return t.zero_()
+    if args.get("init") == "gaussian":
+        return t.normal_(0.0, 1.0 / node.attrs.rank, generator=g)
+    bound = 1.0 / math.sqrt(t.shape[1])  # A is (rank, in)
+    return t.uniform_(-bound, bound, generator=g)
+
+
+def low_rank_saved(ir: IR, node: Node, rg: dict[str, bool]) -> tuple[set[str], int]:
+    a = node.attrs
+    x = ir.node(ir.inputs(node.id)[0])
+    shared, extra = set(), a.rank * 4
+    if a.dropout:  # the mask is kept only when the input needs a gradient
+        extra += x.shape[-1] * (4 + MASK_BYTES * rg[x.id])
+    else:
+        shared.add(x.id)
+    return shared, extra
+
+
+class Lora(AdapterKind):
+    name = "lora"
+    attrs = LoraAttrs
+
+    def make(self, target, id, args, span):
+        t = target.attrs
+        rank = args["rank"]
+        alpha = args.get("alpha") or rank  # the checker fills alpha=rank; hand-built uses may not
+        attrs = LoraAttrs(rank, float(alpha), float(args.get("dropout", 0.0)), target.id)
+        params = (adapter_param(id, "A", (rank, t.in_features)), adapter_param(id, "B", (t.out_features, rank)))
+        return Node(id, Op.LORA, attrs, params, span, target.shape)
+
+    def check(self, node, target):
+        a, t = node.attrs, target.attrs
+        return ("B", "T", t.out_features), [(a.rank, t.in_features), (t.out_features, a.rank)]
+
+    def lower(self, b, node, x):
+        return low_rank(b, node, x, node.attrs.alpha / node.attrs.rank)
+
+    def init(self, node, leaf, t, g, args, base):
+        return low_rank_init(node, leaf, t, g, args)
+
+    def merge(self, node, params, weight, bias):
+        a = node.attrs
+        return weight + (a.alpha / a.rank) * (params["B"].double() @ params["A"].double()).to(weight.dtype), bias
+
+    def saved(self, ir, node, rg):
+        return low_rank_saved(ir, node, rg)
+
+    def forward_temporaries(self, ir, node):
+        return node.shape[-1]  # B(Ax) before scaling
+
+
+register(Lora())
