@@ -68,8 +68,8 @@ class Decoder:
         refuse_encoder(ir)
         self.seq = seq
         self.plan = [(n, ir.inputs(n.id)) for n in ir.nodes()]  # topological order, as to_fx
-        unknown = sorted({n.op.value for n, _ in self.plan} - set(_EVALUATED))
-        if unknown:
+        unknown = sorted(n.op.value for n, _ in self.plan if n.op not in EVALUATED)
+        if unknown:  # an op added to the IR needs its incremental form here too
             raise IRError(f"generate: no incremental evaluation of op {unknown[0]}")
         self.weights = {n.id: tuple(gm.get_parameter(fx_name(p.tied_to or p.path)) for p in n.params)
                         for n, _ in self.plan}
@@ -149,8 +149,8 @@ class Decoder:
         return attention(q_BTD, k_BSK[:, :p + T], v_BSK[:, :p + T], a.heads, a.kv_heads, False)
 
 
-_EVALUATED = {op.value for op in (Op.EMBEDDING, Op.POSITION, Op.RMSNORM, Op.LAYERNORM, Op.LINEAR, Op.LORA,
-                                  Op.ROTARY, Op.ATTENTION_CORE, Op.SWIGLU, Op.GELU, Op.RESIDUAL_ADD, Op.LOSS)}
+EVALUATED = frozenset({Op.EMBEDDING, Op.POSITION, Op.RMSNORM, Op.LAYERNORM, Op.LINEAR, Op.LORA, Op.ROTARY,
+                       Op.ATTENTION_CORE, Op.SWIGLU, Op.GELU, Op.RESIDUAL_ADD, Op.LOSS})
 
 
 def refuse_encoder(ir: IR) -> None:
@@ -535,7 +535,7 @@ def _check_run(run: Path):
             return result
         first = first or (path, result)
     path, result = first
-    raise GenerateError(f"the run's pipeline.eff no longer checks:\n"
+    raise GenerateError("the run's pipeline.eff no longer checks:\n"
                         + render_all(result.diagnostics, {path: text}, colour=False).rstrip(),
                         f"its paths are relative to {os.path.dirname(path)}; restore the files it names", status=1)
 
