@@ -75,11 +75,8 @@ class Decoder:
                         for n, _ in self.plan}
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for n, _ in self.plan:
-            if n.op is Op.ROTARY:
-                a = n.attrs  # the key to_fx builds one (cos, sin) pair for
-                key = (a.head_dim, a.theta, a.scaling, a.factor, a.low_freq, a.high_freq, a.original_seq)
-                if key not in self.tables:
-                    self.tables[key] = rotary_tables(seq, *key)
+            if n.op is Op.ROTARY and _rope_key(n.attrs) not in self.tables:
+                self.tables[_rope_key(n.attrs)] = rotary_tables(seq, *_rope_key(n.attrs))
         self.reset()
 
     def reset(self) -> None:
@@ -121,8 +118,7 @@ class Decoder:
         if n.op is Op.LORA:  # dropout is the identity at inference
             return operator.mul(F.linear(F.linear(x[0], w[0]), w[1]), a.alpha / a.rank)
         if n.op is Op.ROTARY:
-            cos, sin = self.tables[(a.head_dim, a.theta, a.scaling, a.factor, a.low_freq, a.high_freq,
-                                    a.original_seq)]
+            cos, sin = self.tables[_rope_key(a)]
             T = x[0].shape[1]
             return rotary(x[0], cos[p:p + T], sin[p:p + T], a.heads)
         if n.op is Op.ATTENTION_CORE:
@@ -147,6 +143,11 @@ class Decoder:
             return attention(q_BTD, k_BTK, v_BTK, a.heads, a.kv_heads)
         # One query at position p sees keys 0..p, all of the cache: its causal row, unmasked.
         return attention(q_BTD, k_BSK[:, :p + T], v_BSK[:, :p + T], a.heads, a.kv_heads, False)
+
+
+def _rope_key(a) -> tuple:
+    """rotary_tables' arguments after seq: to_fx builds one (cos, sin) pair per key."""
+    return (a.head_dim, a.theta, a.scaling, a.factor, a.low_freq, a.high_freq, a.original_seq)
 
 
 EVALUATED = frozenset({Op.EMBEDDING, Op.POSITION, Op.RMSNORM, Op.LAYERNORM, Op.LINEAR, Op.LORA, Op.ROTARY,
