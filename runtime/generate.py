@@ -538,7 +538,9 @@ def _check_run(run: Path):
     path, result = first
     raise GenerateError("the run's pipeline.eff no longer checks:\n"
                         + render_all(result.diagnostics, {path: text}, colour=False).rstrip(),
-                        f"its paths are relative to {os.path.dirname(path)}; restore the files it names", status=1)
+                        f"its paths are relative to {os.path.dirname(path)}: restore the files it names"
+                        + ("" if isinstance(recorded, str) and os.path.isabs(recorded) else
+                           ", or run effc generate in the folder effc run ran in"), status=1)
 
 
 # ---------------------------------------------------------------- the command
