@@ -155,6 +155,33 @@ def plot(
         typer.echo(str(p))
 
 
+@app.command()
+def generate(
+    folder: Path = typer.Argument(..., help="a run folder, an effc export or a Hugging Face checkpoint folder"),
+    prompt: str = typer.Option(..., "--prompt", help="the text the model continues"),
+    model: Optional[str] = typer.Option(None, "--model", help="the model of a run [default: its only one]"),
+    stage: Optional[str] = typer.Option(None, "--stage", help="the stage of a run whose snapshot to read "
+                                                              "[default: the last finished]"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=0, help="stop after this many new tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; above 0: sample"),
+    top_k: int = typer.Option(0, "--top-k", help="sample among the k likeliest tokens (0: all)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="sample within the smallest set of this probability"),
+    seed: int = typer.Option(0, "--seed", help="the sampling seed: one seed, one text"),
+) -> None:
+    """Print what a model says after a prompt (greedy, or sampled with a seed)."""
+    from effc.runtime.generate import GenerateError, Sampling, complete, load
+
+    try:
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        loaded = load(folder, model, stage)
+        text, note = complete(loaded, prompt, max_new_tokens, sampling)
+    except GenerateError as exc:
+        typer.echo(f"error: {exc.message}" + (f"\n   = hint: {exc.hint}" if exc.hint else ""), err=True)
+        raise typer.Exit(exc.status)
+    typer.echo(text)
+    typer.echo(note, err=True)
+
+
 class ShowFormat(str, Enum):
     text = "text"
     dot = "dot"
