@@ -220,7 +220,10 @@ class _Run:
 
     def snapshot(self, ref: Ref) -> tuple[State, Span | None]:
         path = self.stage_dirs[ref.stage] / "models" / f"{ref.name}.safetensors"
-        return self._read(path), snapshot_until(self.r, ref.stage)
+        until = snapshot_until(self.r, ref.stage)
+        if not path.exists() and self.source_of(ref.name) is not None:
+            return self.source_of(ref.name), until  # nothing had changed it yet: still its checkpoint
+        return self._read(path), until
 
     def _read(self, path: Path) -> State:
         try:

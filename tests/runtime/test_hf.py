@@ -356,3 +356,16 @@ def test_a_rewritten_checkpoint_reruns_the_stages_that_read_it(ckpt, tmp_path):
     assert cached(_run(tmp_path, src))
     _write("llama_bias", folder)  # the same checkpoint written again: new files, new times
     assert not cached(_run(tmp_path, src))
+
+
+def test_a_snapshot_taken_before_any_change_is_the_checkpoint(ckpt, tmp_path):
+    """A stage that only evaluates an hf(...) model leaves no copy of it: `m@look` is the
+    checkpoint itself, and comparing against it after LoRA training works."""
+    src = _pipeline(ckpt["llama_bias"], "    eval m on d.validation (samples=2)\n", seq=16,
+                    data="markov(seq=16, vocab=97)") + \
+        "stage tune:\n    adapt m.layers[*].attn.q with lora(rank=2)\n" \
+        "    train m on d (steps=2, batch=2, optimizer=adamw(lr=1e-2))\n" \
+        "    eval m on d.validation (samples=2, against=m@s)\n"
+    summary = _run(tmp_path, src)
+    first, second = summary.evals
+    assert second["against"]["loss"] == pytest.approx(first["loss"], abs=1e-6)
