@@ -42,6 +42,7 @@ from effc.lang import ast
 from effc.lang.check import CheckResult, Ref, Step, hf_family
 from effc.lang.diagnostics import Diagnostic, Span, error
 from effc.lang.hf import HFConfigError, read_hf
+from effc.lang.tokenizer_info import TokenizerError, read_tokenizer
 from effc.runtime import data as D
 from effc.runtime.checkpoint import (
     CheckpointError, atomic_write_json, atomic_write_text, read_tensors, write_tensors,
@@ -249,6 +250,14 @@ class _Run:
                 out[name] = _file_digest(p) if p.is_file() else "missing"
             elif info.source == "stdlib_text":
                 out[name] = sys.version
+            tok = str(info.args.get("tokenizer", "bytes"))
+            if tok != "bytes":  # the same text through another tokenizer is other data
+                try:
+                    t = read_tokenizer(str(self.base / tok))
+                    files = [Path(t.file), Path(t.file).with_name("tokenizer_config.json")]
+                    out[f"{name}:tokenizer"] = [_file_digest(f) for f in files if f.is_file()]
+                except TokenizerError:
+                    out[f"{name}:tokenizer"] = "missing"
         return out
 
     @functools.cached_property

@@ -207,3 +207,24 @@ def test_check_time_diagnostics(tmp_path):
     _write(tmp_path / "bad.json", "{not json")
     (d,) = _check(tmp_path, 'text("t.txt", seq=8, tokenizer="bad.json")')
     assert d.code == "E0309" and "is not a tokenizer.json file" in d.message
+
+
+def test_a_changed_tokenizer_reruns_the_stage(tmp_path):
+    from effc.runtime.run import RunOptions, run_pipeline
+
+    _tokenizer(tmp_path / "tok", template=None)
+    _write(tmp_path / "t.txt", TEXT * 8)
+    src = ("pipeline p\nmodel m = decoder(vocab=512, dim=16, layers=1, heads=2, ffn=16, seq=8)\n"
+           'data d = text("t.txt", seq=8, tokenizer="tok")\nstage s:\n    train m on d (steps=1, batch=1)\n')
+    f = tmp_path / "p.eff"
+    f.write_text(src)
+
+    def cached() -> bool:
+        r = check_source(src, str(f))
+        (entry,) = [e for e in run_pipeline(r, f, RunOptions(out=tmp_path / "run")).stages if "cached" in e]
+        return entry["cached"]
+
+    assert not cached() and cached()
+    cfg = tmp_path / "tok" / "tokenizer_config.json"
+    cfg.write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    assert not cached()
