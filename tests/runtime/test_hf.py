@@ -17,11 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
+from safetensors.torch import load_file
 
-from effc.compiler.pipeline import compile_checked
+from effc.compiler.lower import lower_arch
+from effc.compiler.pipeline import compile_checked, model_ir
 from effc.lang.check import check_source
 from effc.lang.hf import HFConfigError, read_hf
-from effc.runtime.hf import CheckpointReader, HFError, load
+from effc.runtime.checkpoint import read_tensors
+from effc.runtime.hf import CheckpointReader, HFError, load, write_hf
+from effc.runtime.model import materialize, state_of
 from effc.runtime.run import RunFailed, RunOptions, run_pipeline
 
 VOCAB, SEQ = 97, 64
@@ -133,7 +137,6 @@ def test_reader_reads_only_what_is_asked(ckpt):
     """Lazy: building the reader touches headers; each item reads one tensor (GPT-2's
     q, k and v are thirds of one fused c_attn, transposed from Conv1D's (in, out))."""
     model = read_hf(str(ckpt["gpt2"]))
-    from effc.compiler.lower import lower_arch
     reader = CheckpointReader(model, lower_arch(model.arch, None))
     ref = _reference(ckpt["gpt2"])
     c_attn = ref.transformer.h[1].attn.c_attn
@@ -220,7 +223,6 @@ def test_selectors_follow_each_familys_tree(ckpt, tmp_path):
 
 
 def _reader(folder: Path) -> CheckpointReader:
-    from effc.compiler.lower import lower_arch
     model = read_hf(str(folder))
     r = CheckpointReader(model, lower_arch(model.arch, None))
     r.check()
@@ -270,9 +272,6 @@ def test_lora_tune_then_hf_export_loads_in_transformers_with_effcs_logits(ckpt, 
     _run(tmp_path, src)
     out = tmp_path / "out"
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
-    from effc.compiler.pipeline import model_ir
-    from effc.runtime.checkpoint import read_tensors
-    from effc.runtime.model import materialize
     r = check_source(src, str(tmp_path / "p.eff"))
     ir, _ = model_ir(r, "m", None)
     state = read_tensors(tmp_path / "run" / "stages" / "00_s" / "models" / "m.safetensors")
@@ -290,9 +289,6 @@ def test_decoder_exports_as_llama(tmp_path):
            "rope_theta=1000)\ndata d = markov(seq=16, vocab=97)\nstage s:\n    train m on d (steps=2, batch=2)\n"
            'export m to "out" (format=hf)\n')
     _run(tmp_path, src)
-    from effc.runtime.checkpoint import read_tensors
-    from effc.runtime.model import materialize
-    from effc.compiler.pipeline import model_ir
     r = check_source(src, str(tmp_path / "p.eff"))
     ir, _ = model_ir(r, "m", None)
     gm, _ = materialize(ir, 16, read_tensors(tmp_path / "run" / "stages" / "00_s" / "models" / "m.safetensors"), 0,
@@ -321,7 +317,6 @@ def test_hf_export_round_trips_each_family(ckpt, tmp_path, name):
     """Read, export untouched, read back with transformers: same outputs, same tensors
     (GPT-2's c_attn re-fused and transposed back; BERT's pooler carried through)."""
     _run(tmp_path, f'pipeline p\nmodel m = hf("{ckpt[name]}")\nexport m to "out" (format=hf)\n')
-    from safetensors.torch import load_file
     a, b = load_file(ckpt[name] / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
     a = {k: v for k, v in a.items() if k != "lm_head.weight" or name != "gpt2"}  # tied: written once
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -330,9 +325,7 @@ def test_hf_export_round_trips_each_family(ckpt, tmp_path, name):
 
 
 def test_large_exports_are_sharded_with_an_index_transformers_reads(ckpt, tmp_path):
-    from effc.runtime.hf import write_hf
     model, ir, gm = load(str(ckpt["llama_bias"]))
-    from effc.runtime.model import state_of
     files = write_hf(tmp_path, "llama", model.config, state_of(gm, ir), model.arch, max_shard_bytes=30_000)
     shards = [f for f in files if f.startswith("model-")]
     assert len(shards) > 3 and "model.safetensors.index.json" in files
