@@ -4,6 +4,12 @@ Nothing is allocated: every number comes from param records and symbolic shapes,
 70B-parameter declaration costs as fast as a tiny one.
 
 Parameters: a tied param (`tied_to`) is storage shared with another and counted once.
+A generated param (storage "generated": NOLA's random bases, made again from a seed and
+never stored) is not a parameter of the model, but it is held in memory: its bytes are
+in the weights.
+
+Soft prompts prepend positions to every sequence (`AdapterKind.prefix`): everything per
+token below is counted over seq + prefix positions.
 
 Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
 - weights: every stored param; gradients: trainable params only;
@@ -58,7 +64,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from effc.compiler.adapters import kind_of
+from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, MATMULS, NORMS, Node, Op, ParamRecord
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -221,15 +227,17 @@ def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
 def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
-    stored = _stored(ir)
+    held = _stored(ir)
+    stored = [p for p in held if p.storage != "generated"]
     trainable = [p for p in stored if p.trainable]
     roles: dict[str, int] = {}
     for p in stored:
         roles[p.role] = roles.get(p.role, 0) + p.numel
-    weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in stored)
+    weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in held)
     grads = sum(p.numel * DTYPE_BYTES[p.dtype] for p in trainable)
     opt = sum(p.numel for p in trainable) * 4 * OPTIMIZER_STATES[optimizer]
     rg = _requires_grad(ir)
+    seq += prefix_length(ir)
     tokens = batch * seq
     acts = tokens * _saved_bytes_per_token(ir, rg)
     transient = tokens * _transient_per_token(ir, rg)

@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from effc.compiler.adapters import kind_of
+from effc.compiler.adapters import adapters_of, kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, OUTPUTS, IRError, Node, Op, ParamRecord
 from effc.kernels.attention import attention
 from effc.kernels.dropout import Dropout
@@ -65,6 +65,34 @@ def mean_pool(h_BTD: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
     return (h_BTD * w_BT1).sum(1) / w_BT1.sum(1).clamp(min=1.0)
 
 
+def prefix_segments(segments_BT: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """A packed row's record numbers over n prepended positions (soft prompts): -1 there,
+    a key that every record may see (`effc.kernels.attention`). None (a row of one
+    sequence) stays None."""
+    if segments_BT is None:
+        return None
+    return torch.cat((segments_BT.new_full((segments_BT.shape[0], n), -1), segments_BT), dim=1)
+
+
+def prefix_positions(positions_BT: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Positions over n prepended positions: 0..n-1, then each record's counted on from n,
+    so every record reads as if it followed the prompt alone. None stays None."""
+    if positions_BT is None:
+        return None
+    head = torch.arange(n, device=positions_BT.device).expand(positions_BT.shape[0], n)
+    return torch.cat((head, positions_BT + n), dim=1)
+
+
+def prefix_keep(keep_BT: torch.Tensor, n: int) -> torch.Tensor:
+    """An encoder's mask of real tokens over n prepended positions: they are real."""
+    return torch.cat((keep_BT.new_ones(keep_BT.shape[0], n), keep_BT), dim=1)
+
+
+def drop_prefix(x_BTD: torch.Tensor, n: int) -> torch.Tensor:
+    """The outputs at the input's own positions: the n prepended ones dropped."""
+    return x_BTD[:, n:]
+
+
 def loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten(), ignore_index=IGNORE,
                            reduction="sum")
@@ -89,8 +117,8 @@ def _add_param(root: nn.Module, p: ParamRecord, device) -> None:
 class Lowering:
     """What an adapter kind's lowering (`effc.compiler.adapters`) builds the graph with."""
 
-    def __init__(self, ir: IR, g: fx.Graph, root: nn.Module, weight):
-        self.ir, self.g, self.root, self._weight = ir, g, root, weight
+    def __init__(self, ir: IR, g: fx.Graph, root: nn.Module, weight, tokens: fx.Node, device):
+        self.ir, self.g, self.root, self._weight, self.tokens, self._device = ir, g, root, weight, tokens, device
 
     def call(self, fn, *args, **kwargs) -> fx.Node:
         return self.g.call_function(fn, args, kwargs)
@@ -106,6 +134,12 @@ class Lowering:
         """Dropout owned by the node (a module, so train/eval mode switches it)."""
         _module(self.root, fx_name(node.id)).add_module("dropout", Dropout(p))
         return self.g.call_module(fx_name(node.id) + ".dropout", (x,))
+
+    def constant(self, node: Node, name: str, t: torch.Tensor) -> fx.Node:
+        """A tensor the kind derives from its attrs (column indices, a token map): a
+        buffer of the node's module, never stored with the weights."""
+        _module(self.root, fx_name(node.id)).register_buffer(name, t.to(self._device), persistent=False)
+        return self.g.get_attr(f"{fx_name(node.id)}.{name}")
 
 
 def graph_output(ir: IR) -> str:
@@ -131,11 +165,18 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
     g = fx.Graph()
     tokens = g.placeholder("tokens")
     targets = g.placeholder("targets") if output == "loss" else None
-    keep = g.placeholder("keep") if output == "embedding" else None
+    keep_BT = keep = g.placeholder("keep") if output == "embedding" else None
     # Packed sequences (optional, (B, T) int64): the record of each position, which attention
     # keeps apart, and the position within its record, which rotary and learned positions use.
     segments = g.placeholder("segments", default_value=None) if output != "embedding" else None
     positions = g.placeholder("positions", default_value=None) if output != "embedding" else None
+    # Soft prompts prepend `prefix` positions: the per-token inputs extend over them.
+    prefix = prefix_length(ir)
+    if prefix and segments is not None:  # placeholders, None at run time for unpacked rows
+        segments = g.call_function(prefix_segments, (segments, prefix))
+        positions = g.call_function(prefix_positions, (positions, prefix))
+    if prefix and keep is not None:
+        keep = g.call_function(prefix_keep, (keep, prefix))
     out: dict[str, fx.Node] = {}  # IR node id -> the fx node holding its output
     tables: dict[tuple, tuple[fx.Node, fx.Node]] = {}
 
@@ -147,7 +188,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         key = (a.head_dim, a.theta, a.scaling, a.factor, a.low_freq, a.high_freq, a.original_seq)
         if key not in tables:  # one (cos, sin) pair per distinct head width, base and scaling
             name = f"rotary{len(tables)}"
-            cos, sin = rotary_tables(seq, *key)
+            cos, sin = rotary_tables(seq + prefix, *key)
             root.register_buffer(f"{name}_cos", cos.to(device), persistent=False)
             root.register_buffer(f"{name}_sin", sin.to(device), persistent=False)
             tables[key] = tuple(g.call_function(at_positions, (g.get_attr(f"{name}_{t}"), positions))
@@ -155,12 +196,14 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
                 (g.get_attr(f"{name}_cos"), g.get_attr(f"{name}_sin"))
         return tables[key]
 
-    b = Lowering(ir, g, root, weight)
+    b = Lowering(ir, g, root, weight, tokens, device)
     for n in ir.nodes():
         x = [out[i] for i in ir.inputs(n.id)]
         a = n.attrs
-        if n.op is Op.EMBEDDING:
+        if n.op is Op.EMBEDDING:  # its inputs are its adapters' values
             y = g.call_function(F.embedding, (tokens, weight(n)))
+            for m, v in zip(adapters_of(ir, n.id), x):
+                y = kind_of(m).after(b, m, v, y)
         elif n.op is Op.POSITION:
             if a.kind == "position":
                 y = g.call_function(add_positions, (x[0], weight(n)) + ((positions,) if positions is not None else ()))
@@ -179,7 +222,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             for m, v in zip(adapters, x[1:]):
                 y = kind_of(m).after(b, m, v, y)
         elif n.op in ADAPTERS:
-            y = kind_of(n).lower(b, n, x[0])
+            y = kind_of(n).lower(b, n, x[0] if x else None)
         elif n.op is Op.ROTARY:
             cos, sin = rope(a)
             y = g.call_function(rotary, (x[0], cos, sin, a.heads))
@@ -194,15 +237,17 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         elif n.op is Op.GELU:
             y = g.call_function(F.gelu, (x[0],), {"approximate": a.approximate})
         elif n.op is Op.POOL:
-            g.output(g.call_function(mean_pool, (x[0], keep)))
+            h = g.call_function(drop_prefix, (x[0], prefix)) if prefix else x[0]
+            g.output(g.call_function(mean_pool, (h, keep_BT)))
             break
         elif n.op is Op.RESIDUAL_ADD:
             y = g.call_function(operator.add, (x[0], x[1]))
         elif n.op is Op.LOSS:
+            logits = g.call_function(drop_prefix, (x[0], prefix)) if prefix else x[0]
             if output == "logits":
-                g.output(x[0])
+                g.output(logits)
                 break
-            y = g.call_function(loss_sum, (x[0], targets))
+            y = g.call_function(loss_sum, (logits, targets))
         else:
             raise IRError(f"to_fx: no lowering for op {n.op.value} (node '{n.id}')")
         y.name = re.sub(r"\W", "_", fx_name(n.id))  # fx keeps names unique by suffixing

@@ -6,9 +6,11 @@
   node's own output width is what its attrs say (so consecutive shapes agree);
 - param shapes agree with attrs (a linear weight is (out, in), LoRA A (rank, in) and
   B (out, rank)), and roles are known;
-- an adapter node reads its target LINEAR's input and feeds only that LINEAR, and its
-  output and param shapes are what its kind says (`AdapterKind.check`); a LINEAR's
-  inputs after port 0 are its own adapters;
+- an adapter node adapts a node of an op its kind allows (a LINEAR, or an EMBEDDING),
+  reads exactly its kind's source (`AdapterKind.source`: the target's input by default)
+  and feeds only its target, and its output and param shapes are what its kind says
+  (`AdapterKind.check`); a LINEAR's inputs after port 0, and an EMBEDDING's inputs, are
+  its own adapters;
 - param paths are unique; a tied param names an existing untied param of the same shape;
 - there is at least one output (a LOSS, or an encoder's POOL).
 """
@@ -71,11 +73,12 @@ def _check_node(ir: IR, n: Node) -> None:
         return _check_adapter(ir, n)
     ins, out, shapes = _widths(n)
     srcs = ir.inputs(n.id)
-    if n.op is Op.LINEAR:  # ports after 0 are its adapters (each checks its own value)
-        for s in srcs[1:]:
+    if n.op in (Op.LINEAR, Op.EMBEDDING):  # its own inputs, then its adapters (each checks its own value)
+        own = len(ins)
+        for s in srcs[own:]:
             if ir.node(s).op not in ADAPTERS or ir.node(s).attrs.target != n.id:
-                _fail(n, f"input '{s}' after port 0 is not an adapter of this linear")
-        srcs = srcs[:1]
+                _fail(n, f"input '{s}' after port {own - 1} is not an adapter of this {n.op.value}")
+        srcs = srcs[:own]
     _check_inputs(ir, n, srcs, ins)
     if n.op is Op.POOL:  # one vector per sequence
         if n.shape != ("B", out):
@@ -104,15 +107,17 @@ def _check_output(n: Node, width: int | None) -> None:
 
 def _check_adapter(ir: IR, n: Node) -> None:
     from effc.compiler.adapters import kind_of
-    a = n.attrs
+    a, kind = n.attrs, kind_of(n)
     target = ir.node(a.target) if a.target in ir else None
-    if target is None or target.op is not Op.LINEAR:
-        _fail(n, f"its target '{a.target}' is not a LINEAR node")
+    if target is None or target.op not in kind.target_ops:
+        allowed = " or ".join(sorted(op.value.upper() for op in kind.target_ops))
+        _fail(n, f"its target '{a.target}' is not a {allowed} node")
     if ir.outputs(n.id) != [target.id]:
         _fail(n, f"must feed exactly its target '{target.id}', feeds {ir.outputs(n.id)}")
-    if ir.inputs(n.id) != ir.inputs(target.id)[:1]:
-        _fail(n, f"must read the same input as '{target.id}'")
-    shape, want = kind_of(n).check(n, target)
+    src = kind.source(ir, n)
+    if ir.inputs(n.id) != ([] if src is None else [src]):
+        _fail(n, f"must read {'nothing' if src is None else repr(src)}, reads {ir.inputs(n.id)}")
+    shape, want = kind.check(n, target)
     if n.shape != shape:
         _fail(n, f"output shape {n.shape}, expected {shape}")
     got = [p.shape for p in n.params]

@@ -2,7 +2,8 @@
 grouped-query attention (each key/value head serves heads / kv_heads query heads). The
 mask is causal for decoders; encoders attend both ways; `keep_BT` (True for a real
 token, False for padding) hides padded keys; `segments_BT` (packed sequences: the number
-of the record each position belongs to) keeps each position to keys of its own record.
+of the record each position belongs to) keeps each position to keys of its own record,
+and to keys of segment -1 (a soft prompt's positions, which every record follows).
 
 Legend: q_BTD is (batch, seq, heads * head_dim); k_BTK and v_BTK are (batch, seq,
 kv_heads * head_dim). The CPU path is torch's fused scaled_dot_product_attention, which
@@ -30,7 +31,8 @@ def _mask(B: int, T: int, causal: bool, keep_BT, segments_BT, device) -> torch.T
     if keep_BT is not None:
         allowed = allowed & keep_BT[:, None, None, :]
     if segments_BT is not None:
-        allowed = allowed & (segments_BT[:, None, :, None] == segments_BT[:, None, None, :])
+        same = segments_BT[:, None, :, None] == segments_BT[:, None, None, :]
+        allowed = allowed & (same | (segments_BT[:, None, None, :] < 0))
     return allowed
 
 

@@ -37,9 +37,16 @@ def adapter_records(ir: IR) -> list[dict]:
             for n in ir.nodes() if n.op in ADAPTERS]
 
 
+def adapter_paths(ir: IR) -> set[str]:
+    """The canonical paths of the adapters' stored tensors (tied copies and generated
+    tensors are not stored)."""
+    return {p.path for n in ir.nodes() if n.op in ADAPTERS for p in n.params
+            if p.tied_to is None and p.storage != "generated"}
+
+
 def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool, pipeline: str) -> list[dict]:
     adapters = adapter_records(ir)
-    adapter_keys = {p.path for n in ir.nodes() if n.op in ADAPTERS for p in n.params}
+    adapter_keys = adapter_paths(ir)
     if merge:
         write_tensors(folder / "model.safetensors", merged_state(ir, state))
     else:

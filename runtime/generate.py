@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from effc.compiler.adapters import kind_of
+from effc.compiler.adapters import adapters_of, kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, IRError, Op
 from effc.compiler.to_fx import add_positions, add_type0, fx_name
 from effc.kernels.attention import attention
@@ -76,10 +76,15 @@ class Decoder:
         self.weights = {n.id: tuple(gm.get_parameter(fx_name(p.tied_to or p.path)) for p in n.params)
                         for n, _ in self.plan}
         self.eager = _Eager(ir, self.weights)
+        # Soft prompts: the first step prepends them, and they hold cache positions from then on.
+        self.prefix = prefix_length(ir)
+        # Positions the model can read, prompt included (a learned table has a fixed number of rows).
+        rows = [n.attrs.rows for n, _ in self.plan if n.op is Op.POSITION and n.attrs.kind == "position"]
+        self.capacity = min([seq + self.prefix] + rows)
         self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         for n, _ in self.plan:
             if n.op is Op.ROTARY and _rope_key(n.attrs) not in self.tables:
-                self.tables[_rope_key(n.attrs)] = rotary_tables(seq, *_rope_key(n.attrs))
+                self.tables[_rope_key(n.attrs)] = rotary_tables(seq + self.prefix, *_rope_key(n.attrs))
         self.reset()
 
     def reset(self) -> None:
@@ -91,22 +96,29 @@ class Decoder:
         B, T = tokens_BT.shape
         if self.pos and T != 1:
             raise ValueError("after the prompt, a step reads one token")
-        if self.pos + T > self.seq:
-            raise ValueError(f"position {self.pos + T - 1} is past the model's seq of {self.seq}")
+        if self.pos + T + (self.prefix if self.pos == 0 else 0) > self.capacity:
+            raise ValueError(f"position {self.pos + T - 1 - self.prefix} is past the model's seq of "
+                             f"{self.capacity - self.prefix}")
+        self.eager.tokens = tokens_BT
         out: dict[str, torch.Tensor] = {}
         for n, inputs in self.plan:
             x = [out[i] for i in inputs]
             if n.op is Op.LOSS:  # the loss reads the logits: they are the answer
-                self.pos += T
-                return x[0]
+                first = self.prefix if self.pos == 0 else 0  # the prompt's positions have no answer
+                self.pos += x[0].shape[1]
+                return x[0][:, first:]
             out[n.id] = self._op(n, x, tokens_BT)
         raise IRError("generate: the IR has no loss node")
 
     def _op(self, n, x: list[torch.Tensor], tokens_BT: torch.Tensor) -> torch.Tensor:
         """One node on the new tokens: to_fx's call for the op (see its lowering)."""
         a, w, p = n.attrs, self.weights[n.id], self.pos
-        if n.op is Op.EMBEDDING:
-            return F.embedding(tokens_BT, w[0])
+        if n.op is Op.EMBEDDING:  # as to_fx; a soft prompt is read once, by the first step
+            y = F.embedding(tokens_BT, w[0])
+            for m, v in zip(adapters_of(self.ir, n.id), x):
+                if not (p and kind_of(m).prefix(m)):
+                    y = kind_of(m).after(self.eager, m, v, y)
+            return y
         if n.op is Op.POSITION:  # rows p, p+1, ... of the learned table
             return add_positions(x[0], w[0][p:]) if a.kind == "position" else add_type0(x[0], w[0])
         if n.op is Op.RMSNORM:
@@ -123,7 +135,7 @@ class Decoder:
                 y = kind_of(m).after(self.eager, m, v, y)
             return y
         if n.op in ADAPTERS:  # the kind's own lowering, evaluated at once (no dropout here)
-            return kind_of(n).lower(self.eager, n, x[0])
+            return kind_of(n).lower(self.eager, n, x[0] if x else None)
         if n.op is Op.ROTARY:
             cos, sin = self.tables[_rope_key(a)]
             T = x[0].shape[1]
@@ -142,7 +154,8 @@ class Decoder:
         B, T, K = k_BTK.shape
         p = self.pos
         if id not in self.cache:  # room for the whole context, written as tokens arrive
-            self.cache[id] = (k_BTK.new_empty(B, self.seq, K), v_BTK.new_empty(B, self.seq, K))
+            size = self.capacity
+            self.cache[id] = (k_BTK.new_empty(B, size, K), v_BTK.new_empty(B, size, K))
         k_BSK, v_BSK = self.cache[id]
         k_BSK[:, p:p + T] = k_BTK
         v_BSK[:, p:p + T] = v_BTK
@@ -168,6 +181,7 @@ class _Eager:
 
     def __init__(self, ir: IR, weights: dict):
         self.ir, self._weights = ir, weights
+        self.tokens = None  # the step's token ids, set by Decoder.step
 
     def call(self, fn, *args, **kwargs):
         return fn(*args, **kwargs)
@@ -180,6 +194,9 @@ class _Eager:
 
     def dropout(self, node, p: float, x):
         return x
+
+    def constant(self, node, name: str, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def refuse_encoder(ir: IR) -> None:
@@ -242,9 +259,10 @@ def generate(dec: Decoder, prompt: list[int], max_new_tokens: int, sampling: Sam
     limit (every token the model reads sits at a position below seq)."""
     if not prompt:
         raise GenerateError("the prompt is empty", "give some text with --prompt")
-    if len(prompt) > dec.seq:
-        raise GenerateError(f"the prompt is {len(prompt)} tokens, longer than the model's seq of {dec.seq}",
-                            f"shorten it to {dec.seq} tokens or fewer")
+    room = dec.capacity - dec.prefix  # positions left for text after any soft prompt
+    if len(prompt) > room:
+        raise GenerateError(f"the prompt is {len(prompt)} tokens, longer than the model's seq of {room}",
+                            f"shorten it to {room} tokens or fewer")
     gen = torch.Generator().manual_seed(sampling.seed)
     dec.reset()
     logits_BTV = dec.step(torch.tensor([prompt]))
@@ -256,7 +274,7 @@ def generate(dec: Decoder, prompt: list[int], max_new_tokens: int, sampling: Sam
         new.append(t)
         if t in eos:
             return Generation(new, "eos")
-        if dec.pos == dec.seq:  # the new token would sit at position seq: the model cannot read it
+        if dec.pos == dec.capacity:  # the new token would sit past the last position the model reads
             return Generation(new, "seq") if len(new) < max_new_tokens else Generation(new, "max_new_tokens")
         logits_BTV = dec.step(torch.tensor([[t]]))
 

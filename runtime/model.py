@@ -15,6 +15,8 @@ and token-type tables N(0, 0.02), norm weights 1, biases 0.
 Adapters are initialised by their kind (`effc.compiler.adapters`; LoRA, Hu et al. 2021:
 B = 0 so training starts from the base model; A with init=kaiming is uniform(+-1/sqrt(in)),
 torch's default for a linear layer of that width, and with init=gaussian N(0, 1/rank)).
+A generated param (storage "generated", NOLA's bases) is never part of a state: every
+graph makes it again from its kind's own seed.
 """
 
 from __future__ import annotations
@@ -79,7 +81,9 @@ def materialize(ir: IR, seq: int, state: State, seed: int, adapter_args: dict | 
                 if p.tied_to is not None:
                     continue
                 target = param(p)
-                if p.path in state:
+                if p.storage == "generated":
+                    target.copy_(_init(p, n, layers, seed, (adapter_args or {}).get(n.id, {}), base))
+                elif p.path in state:
                     src = state[p.path]
                     if tuple(src.shape) != p.shape:
                         raise ValueError(f"state has {p.path} of shape {tuple(src.shape)}, the IR says {p.shape}")
@@ -91,9 +95,10 @@ def materialize(ir: IR, seq: int, state: State, seed: int, adapter_args: dict | 
 
 
 def state_of(gm: fx.GraphModule, ir: IR) -> State:
-    """The params of a graph module by canonical path: detached copies, tied ones once."""
+    """The params of a graph module by canonical path: detached copies, tied ones once,
+    generated ones never."""
     return {p.path: gm.get_parameter(fx_name(p.path)).detach().clone()
-            for p in ir.params() if p.tied_to is None}
+            for p in ir.params() if p.tied_to is None and p.storage != "generated"}
 
 
 def trainable(gm: fx.GraphModule, ir: IR) -> list[tuple[str, torch.nn.Parameter]]:
@@ -105,20 +110,25 @@ def trainable(gm: fx.GraphModule, ir: IR) -> list[tuple[str, torch.nn.Parameter]
 def merged_state(ir: IR, state: State) -> State:
     """Adapters folded into their base weights in declaration order (LoRA: W + (alpha/rank)
     B A; each kind's `merge`); the result has the base model's params only. Raises
-    CannotMerge for a kind whose update has no exact fold."""
+    CannotMerge for a kind whose update has no exact fold. A weight the merge leaves as
+    it was (the same object) keeps its place, so a tied one stays tied."""
     out = {k: v.clone() for k, v in state.items()}
-    for n in ir.nodes():
-        if n.op in ADAPTERS:
-            params = {p.path.rsplit(".", 1)[-1]: out.pop(p.path) for p in n.params}
-            target = ir.node(n.attrs.target)
-            w_rec = target.params[0]
-            b_rec = target.params[1] if len(target.params) > 1 else None
-            w = out.get(w_rec.path)
-            if w is None:  # a tied weight with its own update is no longer tied
-                w = out[w_rec.tied_to]
-            bias = out.get(b_rec.path) if b_rec else None
-            w, bias = kind_of(n).merge(n, params, w, bias)
-            out[w_rec.path] = w
-            if b_rec:
-                out[b_rec.path] = bias
+    adapter = [n for n in ir.nodes() if n.op in ADAPTERS]
+    held = {p.path: out[p.path] for n in adapter for p in n.params if p.path in out}
+    for n in adapter:
+        params = {p.path.rsplit(".", 1)[-1]: held[p.tied_to or p.path] for p in n.params if p.storage != "generated"}
+        target = ir.node(n.attrs.target)
+        w_rec = target.params[0]
+        b_rec = target.params[1] if len(target.params) > 1 else None
+        w = out.get(w_rec.path)
+        if w is None:  # a tied weight with its own update is no longer tied
+            w = out[w_rec.tied_to]
+        bias = out.get(b_rec.path) if b_rec else None
+        merged, bias = kind_of(n).merge(n, params, w, bias)
+        if merged is not w:
+            out[w_rec.path] = merged
+        if b_rec:
+            out[b_rec.path] = bias
+    for path in held:
+        del out[path]
     return out

@@ -52,7 +52,7 @@ class Dora(AdapterKind):
     attrs = DoraAttrs
     additive = False
 
-    def make(self, target, id, args, span):
+    def make(self, target, id, args, span, ir):
         t = target.attrs
         rank = args["rank"]
         attrs = DoraAttrs(rank, float(args.get("alpha") or rank), float(args.get("dropout", 0.0)), target.id)

@@ -43,7 +43,7 @@ class Ia3(AdapterKind):
     attrs = Ia3Attrs
     additive = False
 
-    def make(self, target, id, args, span):
+    def make(self, target, id, args, span, ir):
         t = target.attrs
         on_input = scales_input(target.id, args)
         n = t.in_features if on_input else t.out_features

@@ -66,7 +66,7 @@ class Lora(AdapterKind):
     name = "lora"
     attrs = LoraAttrs
 
-    def make(self, target, id, args, span):
+    def make(self, target, id, args, span, ir):
         t = target.attrs
         rank = args["rank"]
         alpha = args.get("alpha") or rank  # the checker fills alpha=rank; hand-built uses may not

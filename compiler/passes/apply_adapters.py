@@ -1,9 +1,10 @@
 """apply_<kind>: one pass per adapter kind (`effc.compiler.adapters`), e.g. apply_lora.
 
-For each `adapt ... with <kind>(...)` the pass adds, to every target LINEAR it names, the
-node the kind makes (params trainable, role "adapter"): it reads the target's input and
-feeds the target. A target's adapters take its ports in declaration order, whichever
-pass added them: the node id ends in the adapter's declaration index (`q.lora0`,
+For each `adapt ... with <kind>(...)` the pass adds the nodes the kind builds for the
+targets it names (a LINEAR, or the node the kind attaches a selected module to; params
+role "adapter"): each reads its source (the target's input unless the kind says
+otherwise) and feeds its target. A target's adapters take its ports after its own
+inputs, in declaration order, whichever pass added them: the node id ends in the adapter's declaration index (`q.lora0`,
 `k.ia3_2`), which keeps two adapters on one weight apart and orders them. Then the base
 is frozen: a model with adapters trains only them. A rewrite is one adapter node added
 or one base param frozen.
@@ -11,42 +12,51 @@ or one base param frozen.
 
 from __future__ import annotations
 
-from effc.compiler.adapters import KINDS, AdapterKind, adapter_id, adapter_index
-from effc.compiler.ir import ADAPTERS, IR, IRError, Op
+from effc.compiler.adapters import KINDS, AdapterKind, adapter_index, adapters_of, base_inputs
+from effc.compiler.ir import IR, IRError
 from effc.compiler.passes import PassContext, register
 from effc.compiler.passes.assign_roles import set_trainable
+
 
 def apply_kind(kind: AdapterKind, ir: IR, ctx: PassContext) -> tuple[IR, int]:
     added: dict[str, list] = {}  # target id -> its new nodes, in declaration order
     for i, use in enumerate(ctx.adapters):
         if use.technique != kind.name:
             continue
+        targets = []
         for path in sorted(use.paths):
-            target = ir.node(path)
-            if target.op is not Op.LINEAR:
-                raise IRError(f"{kind.name} target '{path}' is a {target.op.value}, not a linear layer")
-            try:
-                node = kind.make(target, adapter_id(target.id, kind.name, i), use.args, use.span)
-            except KeyError as e:
-                raise IRError(f"{kind.name} adapter {i} (at {use.span}) has no {e.args[0]}") from None
-            added.setdefault(path, []).append(node)
+            target = ir.node(kind.target(ir, path))
+            if target.op not in kind.target_ops:
+                raise IRError(f"{kind.name} target '{target.id}' is a {target.op.value}, which {kind.name} "
+                              "does not adapt")
+            targets.append(target)
+        try:
+            nodes = kind.build(ir, targets, i, use.args, use.span)
+        except KeyError as e:
+            raise IRError(f"{kind.name} adapter {i} (at {use.span}) has no {e.args[0]}") from None
+        for node in nodes:
+            added.setdefault(node.attrs.target, []).append(node)
     if not added:
         return ir, 0
-    edges = [e for e in ir.edges() if not (e[1] in added and e[2] > 0)]
-    for path, new in added.items():
-        x = ir.inputs(path)[0]
-        old = [ir.node(s) for s in ir.inputs(path)[1:]]
-        edges += [(x, n.id, 0) for n in new]
-        ordered = sorted(old + new, key=lambda n: adapter_index(n.id))
-        edges += [(n.id, path, port) for port, n in enumerate(ordered, 1)]
+    # Each target's adapters, old and new, take the ports after its own inputs in declaration order.
+    order = {t: sorted(adapters_of(ir, t) + new, key=lambda n: adapter_index(n.id)) for t, new in added.items()}
+    edges = [e for e in ir.edges() if not (e[1] in added and e[0] not in base_inputs(ir, e[1]))]
+    for t, ordered in order.items():
+        first = len(base_inputs(ir, t))
+        edges += [(n.id, t, port) for port, n in enumerate(ordered, first)]
+    for new in added.values():
+        for n in new:
+            src = kind.source(ir, n)
+            if src is not None:
+                edges.append((src, n.id, 0))
     # Each adapter node sits just before its target, so dumps read in program order.
+    placed = {n.id for ordered in order.values() for n in ordered}
     nodes = []
     for n in ir.nodes():
-        if n.op in ADAPTERS and n.attrs.target in added:
+        if n.id in placed:
             continue  # re-placed with its target's other adapters below
-        if n.id in added:
-            old = [ir.node(s) for s in ir.inputs(n.id)[1:]]
-            nodes += sorted(old + added[n.id], key=lambda m: adapter_index(m.id))
+        if n.id in order:
+            nodes += order[n.id]
         nodes.append(n)
     ir, frozen = set_trainable(IR.build(nodes, edges))
     return ir, sum(map(len, added.values())) + frozen

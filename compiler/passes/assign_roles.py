@@ -1,7 +1,8 @@
 """assign_roles: set every param's trainable flag from what the IR holds.
 
 The policy of this issue: a model without adapters trains everything; a model with
-adapters trains only them (LoRA's frozen base, Hu et al. 2021). The pass is idempotent,
+adapters trains only them (LoRA's frozen base, Hu et al. 2021), each adapter param as
+its kind made it (SVFit's singular vectors and NOLA's bases stay frozen). The pass is idempotent,
 so running it after the `apply_<kind>` passes rewrites nothing; a rewrite is one flag changed.
 """
 
@@ -16,7 +17,7 @@ from effc.compiler.passes import PassContext, register
 
 def set_trainable(ir: IR) -> tuple[IR, int]:
     adapted = any(n.op in ADAPTERS for n in ir.nodes())
-    return ir.map_params(lambda p: replace(p, trainable=not adapted or p.role == "adapter"))
+    return ir.map_params(lambda p: p if p.role == "adapter" else replace(p, trainable=not adapted))
 
 
 @register("assign_roles", after=tuple(f"apply_{k}" for k in sorted(KINDS)))
