@@ -328,12 +328,8 @@ class _Checker:
             model = self.model_ref(stmt.model, live=verb == "train")
             data = self.data_ref(stmt.data)
             opts = self.options(stmt.options, R.STATEMENTS[verb], stmt.span)
-            if model and model.arch and model.arch.output == "embedding":
-                self.err("E0302", f"'{verb}' of a sentence encoder ('{model.name}' is a "
-                         f"{model.args.get('architecture', model.family)}) is not available in this version",
-                         stmt.model.span, "encoders can be adapted and exported now; their training and "
-                         "evaluation objectives come with a later issue")
-                return None
+            fits = self.encoder_rules(verb, stmt, model, data, opts) if _is_encoder(model) else True
+            fits = self.comparable(stmt, model, opts) and fits
             if model and data and model.args.get("seq") and isinstance(data.args.get("seq"), int):
                 if data.args["seq"] > model.args["seq"]:
                     self.err("E0402", f"data '{data.name}' has seq={data.args['seq']} but model "
@@ -351,7 +347,7 @@ class _Checker:
                     self.err("E0403", "metrics=[similarity] compares two models, but no against= is given",
                              stmt.span, "add against=MODEL or against=model@stage")
                     return None
-            if model and data and opts is not None:
+            if model and data and opts is not None and fits:
                 return Step(verb, _ref(stmt.model), opts, stmt.span,
                             Ref("data", data.name, split=stmt.data.split.name if stmt.data.split else None))
         elif isinstance(stmt, ast.Export):
@@ -365,6 +361,17 @@ class _Checker:
                 if any(until is None or (u.span.line, u.span.col) < (until.line, until.col) for u in model.adapters):
                     self.err("E0406", f"format=hf writes a plain transformers model, and '{stmt.model.model.name}' "
                              "has adapters", stmt.span, "add merge_adapters=true to fold them into the weights")
+                    return None
+            if model and opts is not None and (opts["merge_adapters"] or opts["format"] == "hf"):
+                until = self.snapshot_end(stmt.model.stage.name) if stmt.model.stage else stmt.span
+                stuck = [u for u in model.adapters if R.ADAPTERS.entries[u.technique].unmergeable
+                         and (until is None or (u.span.line, u.span.col) < (until.line, until.col))]
+                if stuck:
+                    u = stuck[0]
+                    self.err("E0409", f"the {u.technique} adapter of line {u.span.line} cannot be merged into the "
+                             f"weights: {R.ADAPTERS.entries[u.technique].unmergeable}", stmt.span,
+                             "export with format=effc (merge_adapters=false keeps adapters apart)"
+                             + (" or format=peft" if u.technique == "prompt" else ""))
                     return None
             if model and opts is not None and (opts["merge_adapters"] or opts["format"] == "hf") and model.arch \
                     and model.arch.tied and any("head" in u.paths for u in model.adapters):
@@ -422,8 +429,9 @@ class _Checker:
                      f"select the model by its name: adapt {sel.model.name} with {entry.name}(...)")
         elif not out:
             kinds = " or ".join(entry.targets)
+            example = {"linear": "layers[*].attn.{q,v}", "embedding": "embed"}.get(entry.targets[0], "layers[*].{attn,mlp}")
             self.err("E0206", f"{entry.name} applies to {kinds} modules, and '{_sel_text(sel)}' holds none",
-                     sel.span, f"select {kinds} modules, for example {sel.model.name}.layers[*].attn.{{q,v}}")
+                     sel.span, f"select {kinds} modules, for example {sel.model.name}.{example}")
         return out
 
     def adapter(self, stmt: ast.Adapt, checked: CallValue, targets: list[Selected]) -> None:
@@ -906,6 +914,9 @@ def hf_family(model: ModelInfo) -> str | None:
     return "llama" if model.family == "decoder" else None
 
 
+PEFT_KINDS = ("lora", "dora", "ia3", "prompt")  # effc's kinds that PEFT's format holds
+
+
 def _peft_export_problem(model: ModelInfo, uses: list[AdapterUse], opts: dict) -> tuple[str, str] | None:
     """Why format=peft cannot hold the model's adapters exactly, or None."""
     name = model.name
@@ -920,6 +931,11 @@ def _peft_export_problem(model: ModelInfo, uses: list[AdapterUse], opts: dict) -
         return f"'{name}' has no adapters at this point: format=peft would write nothing", \
             "adapt the model first, or export with format=hf"
     kinds = sorted({u.technique for u in uses})
+    foreign = [k for k in kinds if k not in PEFT_KINDS]
+    if foreign:
+        return (f"PEFT has no {foreign[0]} adapter (format=peft holds {', '.join(PEFT_KINDS)})",
+                "export with format=effc, which keeps every kind"
+                + ("" if R.ADAPTERS.entries[foreign[0]].unmergeable else ", or format=hf, which merges them into the weights"))
     if len(kinds) > 1:
         return (f"'{name}' has {' and '.join(kinds)} adapters, and a PEFT adapter holds one kind",
                 "export the model with one kind of adapter (format=effc keeps them all)")
@@ -933,6 +949,9 @@ def _peft_export_problem(model: ModelInfo, uses: list[AdapterUse], opts: dict) -
             if module_name(family, p) is None:
                 return (f"'{p}' is one third of GPT-2's fused attention projection (c_attn), which PEFT "
                         "adapts only as a whole", "adapt attn.o, mlp.up or mlp.down, or export with format=effc")
+    if len({bool(u.args.get("rslora")) for u in uses}) > 1:
+        return ("some adapters set rslora=true and others not, and a PEFT adapter has one use_rslora",
+                "give every adapt statement the same rslora")
     dropouts = sorted({u.args.get("dropout", 0.0) for u in uses})
     if len(dropouts) > 1:
         return (f"the adapters use dropout {' and '.join(map(str, dropouts))}, and a PEFT adapter has one lora_dropout",

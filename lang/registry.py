@@ -12,7 +12,7 @@ from __future__ import annotations
 from effc.lang.hf import ARCHITECTURES, hf_derived, hf_problems
 from effc.lang.tokenizer_info import TokenizerError, TokenizerInfo, read_tokenizer
 from effc.lang.types import (
-    REQUIRED, BoolT, CallT, Entry, EnumT, FloatT, IntT, ListT, ModelT, Param, PathT,
+    REQUIRED, BoolT, CallT, DataT, Entry, EnumT, FloatT, IntT, ListT, ModelT, Param, PathT,
     Problem, Registry, SizeT, StrT, TokenizerT,
 )
 
@@ -118,6 +118,9 @@ def _jsonl_constraints(a: dict) -> list[Problem]:
 
 
 BYTE_VOCAB = 256  # byte-level tokens: ids 0..255
+# A sentence encoder's (anchor, positive) pairs: in-batch negatives need at least two
+# pairs in a micro-batch (one pair alone has no negative, and its loss is 0).
+MIN_PAIRS = 2
 
 
 def data_vocab(source: str, args: dict) -> int | None:
@@ -202,21 +205,88 @@ def _lora_targets(a: dict, targets: list) -> list[Problem]:
     return []
 
 
+def _paca_targets(a: dict, targets: list) -> list[Problem]:
+    f = a.get("fraction")
+    if not isinstance(f, (int, float)):
+        return []
+    for t in targets:
+        i = t.module.shape[0]
+        if round(f * i) < 1:
+            return [Problem("fraction", f"fraction={f} of the {i} input columns of '{t.path}' is no column",
+                            f"train at least one column: fraction >= {1 / i:.3g}")]
+    return []
+
+
+def _mos_targets(a: dict, targets: list) -> list[Problem]:
+    problems = _lora_targets(a, targets)
+    shards = a.get("shards")
+    if problems or not isinstance(shards, int):
+        return problems
+    for t in targets:
+        i, o = t.module.shape
+        if i % shards or o % shards:
+            return [Problem("shards", f"shards={shards} does not divide the widths of '{t.path}' ({i} -> {o})",
+                            "each low-rank vector is cut into equal shards: choose a common divisor of "
+                            f"{i} and {o}")]
+    return []
+
+
+def _embedding_rows_constraints(a: dict) -> list[Problem]:
+    rows, count, data = a.get("rows"), a.get("count"), a.get("calibrate")
+    if rows is not None and (count is not None or data is not None):
+        return [Problem("rows" if count is None else "count", "give either rows=[...] or count= with calibrate=, "
+                        "not both")]
+    if rows is None and (count is None or data is None):
+        missing = "calibrate" if count is not None else "count" if data is not None else "rows"
+        return [Problem(missing if missing != "rows" else "rows",
+                        "embedding_rows needs the rows that train: rows=[token ids], or count=N with calibrate=DATA "
+                        "(the N most frequent tokens of that data)",
+                        "for example embedding_rows(count=64, calibrate=corpus)")]
+    if rows is not None and len(set(rows)) != len(rows):
+        return [Problem("rows", "rows lists a token id twice", "list each row once")]
+    return []
+
+
+def _embedding_rows_targets(a: dict, targets: list) -> list[Problem]:
+    for t in targets:
+        if t.path != "embed":
+            return [Problem("rows" if a.get("rows") is not None else "count",
+                            f"embedding_rows trains rows of the token embedding, and '{t.path}' is another table",
+                            "select the token embedding: adapt m.embed with embedding_rows(...)")]
+        vocab = t.module.shape[0]
+        bad = [r for r in a.get("rows") or [] if r >= vocab]
+        if bad:
+            return [Problem("rows", f"row {bad[0]} is outside the vocabulary of {vocab} tokens",
+                            f"token ids run from 0 to {vocab - 1}")]
+        if isinstance(a.get("count"), int) and a["count"] > vocab:
+            return [Problem("count", f"count={a['count']} exceeds the vocabulary of {vocab} tokens",
+                            "to train every row, train the embedding itself")]
+    return []
+
+
 _RANK = Param("rank", IntT(min=1), doc="rank r of the update B·A")
 _ALPHA = Param("alpha", FloatT(min=0, min_open=True), None, "scale numerator: the update is (alpha/r)·B·A",
                default_doc="rank")
 _DROPOUT = Param("dropout", FloatT(min=0, max=1, max_open=True), 0.0, "dropout on the adapter's input")
 _INIT = Param("init", EnumT(("kaiming", "gaussian")), "kaiming", "initialisation of A (B starts at zero)")
+_RSLORA = Param("rslora", BoolT(), False, "scale the update by alpha/sqrt(r) instead of alpha/r "
+                "(rank-stabilized LoRA, Kalajdzievski 2023, arXiv:2312.03732)")
+_SEED = Param("seed", IntT(min=0), 0, "seed of the fixed random choice")
 
 ADAPTERS = Registry("adapter", {
     "lora": Entry("lora", (
-        _RANK, _ALPHA, _DROPOUT, _INIT,
+        _RANK, _ALPHA, _DROPOUT,
+        Param("init", EnumT(("kaiming", "gaussian", "pissa")), "kaiming",
+              "initialisation: A kaiming-uniform or gaussian with B = 0; pissa: B·A is the weight's top-r "
+              "singular part (scaled by r/alpha) and the frozen weight keeps the rest (Meng et al. 2024, PiSSA, "
+              "arXiv:2404.02948)"),
+        _RSLORA,
         Param("per_loop", BoolT(), False, "one adapter per recursion loop (Relaxed Recursive Transformers)",
               available=False),
     ), "Low-rank adaptation: a frozen weight W plus a trained low-rank update (alpha/r)·B·A.",
         paper="Hu et al. 2021, LoRA (arXiv:2106.09685)", targets=("linear",),
         target_constraints=_lora_targets),
-    "dora": Entry("dora", (_RANK, _ALPHA, _DROPOUT, _INIT), (
+    "dora": Entry("dora", (_RANK, _ALPHA, _DROPOUT, _INIT, _RSLORA), (
         "Weight-decomposed low-rank adaptation: W' = m·(W + (alpha/r)·B·A) / ||W + (alpha/r)·B·A||, the norm "
         "taken per output row and detached (as PEFT computes it); the magnitude m starts at ||W||. "
         "The only adapter on its weight."),
@@ -228,12 +298,72 @@ ADAPTERS = Registry("adapter", {
         "The only adapter on its weight."),
         paper="Liu et al. 2022, Few-Shot Parameter-Efficient Fine-Tuning (IA3) (arXiv:2205.05638)",
         targets=("linear",), exclusive=True),
+    "paca": Entry("paca", (
+        Param("fraction", FloatT(min=0, max=1, min_open=True), doc="fraction of each weight's input columns that train"),
+        _SEED,
+    ), "Partial connection adaptation: a seeded random choice of each weight's input columns trains in place; the "
+       "rest stays frozen. Only those columns have gradients and optimizer state, and only their inputs are saved.",
+        paper="Woo et al. 2024, PaCA: Partial Connection Adaptation (arXiv:2503.01905)", targets=("linear",),
+        target_constraints=_paca_targets),
+    "svfit": Entry("svfit", (
+        Param("rank", IntT(min=1), doc="how many of the largest singular values train"),
+    ), "Singular-value fine-tuning: W = U·diag(s)·V^T; the top-r singular values train, the singular vectors and "
+       "the rest of the weight stay frozen.",
+        paper="Sun et al. 2024, SVFit (arXiv:2409.05926)", targets=("linear",),
+        target_constraints=_lora_targets),
+    "nola": Entry("nola", (
+        _RANK,
+        Param("bases", IntT(min=1), 64, "random basis matrices for each of A and B"),
+        _ALPHA,
+        Param("seed", IntT(min=0), 0, "seed of the random bases (made again from it, never stored)"),
+    ), "LoRA whose A and B are linear combinations of fixed random bases: only the mixing coefficients train "
+       "(2 x bases numbers per weight).",
+        paper="Koohpayegani et al. 2024, NOLA (arXiv:2310.02556)", targets=("linear",),
+        target_constraints=_lora_targets),
+    "mos": Entry("mos", (
+        _RANK,
+        Param("pool", IntT(min=1), doc="shards in each pool, shared by every selected weight of one shape"),
+        Param("shards", IntT(min=1), 1, "shards each low-rank vector is cut into"),
+        _ALPHA, _SEED,
+    ), "Mixture of shards: LoRA whose low-rank vectors are concatenations of shards drawn (by a fixed seeded "
+       "choice) from pools shared across layers; A and B draw independently.",
+        paper="Wang et al. 2024, MoS: Mixture of Shards (arXiv:2410.00938)", targets=("linear",),
+        target_constraints=_mos_targets),
+    "bottleneck": Entry("bottleneck", (
+        Param("size", IntT(min=1), doc="bottleneck width"),
+        Param("mode", EnumT(("series", "parallel")), "series",
+              "series: after the sublayer, on its output (Houlsby et al. 2019); parallel: beside it, from its "
+              "input (He et al. 2022)"),
+        Param("scale", FloatT(min=0, min_open=True), 1.0, "factor on the adapter's output"),
+    ), "Bottleneck adapters on attention or MLP sublayers: up(relu(down(h))) added to the sublayer's output "
+       "(up starts at zero). Nonlinear: they cannot be merged into the weights.",
+        paper="Houlsby et al. 2019 (arXiv:1902.00751); He et al. 2022 (arXiv:2110.04366)",
+        targets=("attention", "mlp"),
+        unmergeable="a bottleneck adapter is a small nonlinear network (up(relu(down(h)))), which no weight of the "
+                    "model can absorb"),
+    "prompt": Entry("prompt", (
+        Param("length", IntT(min=1), doc="virtual tokens prepended to every sequence"),
+        Param("init", EnumT(("vocab", "random")), "vocab",
+              "vocab: rows of the embedding of seeded random tokens; random: N(0, 0.02)"),
+    ), "Soft prompt tuning: trained embeddings of virtual tokens prepended to every sequence; the model is frozen. "
+       "Adapt the whole model: adapt m with prompt(length=20).",
+        paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning (arXiv:2104.08691)",
+        targets=("model",),
+        unmergeable="a soft prompt is extra input positions, not a change to any weight"),
+    "embedding_rows": Entry("embedding_rows", (
+        Param("rows", ListT(IntT(min=0)), None, "the token ids whose embedding rows train"),
+        Param("count", IntT(min=1), None, "train the rows of the count most frequent tokens of calibrate="),
+        Param("calibrate", DataT(), None, "data whose token frequencies choose the rows"),
+    ), "Embedding-row tuning: only the chosen rows of the token embedding train (a tied head reads them too).",
+        paper="Yuan et al. 2024, KS-Lottery (arXiv:2402.02801)", targets=("embedding",),
+        constraints=_embedding_rows_constraints, target_constraints=_embedding_rows_targets),
     "peft": Entry("peft", (
         Param("path", PathT(), doc="a folder PEFT's save_pretrained wrote (adapter_config.json, adapter_model.safetensors)"),
-    ), "Import a PEFT adapter (LoRA, LoRA with use_dora, or IA3) as effc's lora, dora or ia3 adapters on the modules "
-       "its adapter_config.json targets, starting from its weights. Adapt the whole model: adapt m with peft(\"dir\").",
+    ), "Import a PEFT adapter (LoRA, LoRA with use_dora, IA3 or prompt tuning) as effc's lora, dora, ia3 or prompt "
+       "adapters on the modules its adapter_config.json targets, starting from its weights. Adapt the whole model: "
+       "adapt m with peft(\"dir\").",
         targets=("model",)),
-}, planned={n: _MODELS for n in ("paca", "svfit", "nola", "mos", "bottleneck", "prompt", "embedding_rows")})
+})
 
 SHARING = Registry("sharing technique", {}, planned={"recursive": _COMPRESS})
 PRUNERS = Registry("pruning method", {}, planned={

@@ -189,6 +189,8 @@ class Entry:
     targets: tuple[str, ...] = ()
     # adapters that rescale the weight (DoRA, IA3): the only adapter on each weight they adapt
     exclusive: bool = False
+    # adapters with no exact fold into the weights: why (merge_adapters=true is refused)
+    unmergeable: str | None = None
     # (args) -> problems: constraints between arguments (heads must divide dim, ...)
     constraints: Callable[[dict], list[Problem]] | None = field(default=None, compare=False)
     # (args, targets) -> problems: constraints against the selected modules' shapes
