@@ -42,14 +42,17 @@ def _fx(b: TrainBuild) -> tuple[str, str]:
 
     import torch
 
-    from effc.compiler.to_fx import to_fx
+    from effc.compiler.to_fx import graph_output, to_fx
 
     gm = to_fx(b.ir, b.cost.seq, device=torch.device("meta"))
     calls = Counter(getattr(n.target, "__name__", str(n.target)) if n.op == "call_function"
                     else type(gm.get_submodule(n.target)).__name__
                     for n in gm.graph.nodes if n.op in ("call_function", "call_module"))
     ops = ", ".join(f"{name} x{k}" for name, k in sorted(calls.items()))
-    return f"# {_title(b)}: forward(tokens, targets) -> summed cross-entropy\n" + gm.code.lstrip("\n"), ops
+    what = ("forward(tokens, keep) -> mean-pooled embeddings; the contrastive loss of each pair batch runs on "
+            "them (runtime/contrastive.py)") if graph_output(b.ir) == "embedding" else \
+        "forward(tokens, targets) -> summed cross-entropy"
+    return f"# {_title(b)}: {what}\n" + gm.code.lstrip("\n"), ops
 
 
 def _report(b: TrainBuild, ops: str) -> str:

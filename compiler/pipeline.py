@@ -69,7 +69,10 @@ def _build(result: CheckResult, stage: str, step: Step) -> TrainBuild:
     # `batch` sequences per optimizer step arrive as `accumulate` micro-batches.
     micro = math.ceil(step.options["batch"] / step.options["accumulate"])
     seq = result.data[step.data.name].args["seq"]
-    return TrainBuild(stage, step, ir, report, estimate(ir, micro, seq), micro)
+    # A sentence encoder's micro-batch is `micro` pairs: both sides' activations are held
+    # until the contrastive loss, which needs every embedding, runs backward.
+    encoder = getattr(result.models[step.model.name].arch, "output", None) == "embedding"
+    return TrainBuild(stage, step, ir, report, estimate(ir, 2 * micro if encoder else micro, seq), micro)
 
 
 def _budget_span(result: CheckResult) -> Span:

@@ -400,6 +400,82 @@ class _Checker:
             self.technique(stmt, verb)
         return None
 
+    def encoder_rules(self, verb: str, stmt: ast.Train | ast.Eval, model: ModelInfo, data: DataInfo | None,
+                      opts: dict | None) -> bool:
+        """A sentence encoder learns from, and is measured on, (anchor, positive) pairs with
+        in-batch negatives: its data are jsonl prompt/response records tokenized by a real
+        tokenizer, each micro-batch holds at least MIN_PAIRS pairs, and perplexity, which
+        needs next-token predictions, is not defined for it. False after any error."""
+        ok = True
+        what = f"'{model.name}' is a sentence encoder ({model.args.get('architecture', model.family)})"
+        problem = _pair_data_problem(data, self.written_path(model.name)) if data and data.source else None
+        if problem:
+            self.err("E0405", f"{what}, which learns from (anchor, positive) pairs, and data '{data.name}' "
+                     f"{problem[0]}", stmt.data.span, problem[1])
+            ok = False
+        if opts is None:
+            return False
+        if verb == "eval":
+            if "perplexity" in opts["metrics"]:
+                self.err("E0410", f"perplexity is not defined for a sentence encoder: {what}, which predicts no "
+                         "tokens", self.metric_span(stmt, "perplexity"),
+                         "metrics=[loss] measures its contrastive loss and top-1 retrieval on the pairs; "
+                         "similarity compares its embeddings with another model's (against=)")
+                ok = False
+            if opts["samples"] is not None and opts["samples"] < R.MIN_PAIRS:
+                self.err("E0306", f"samples={opts['samples']} is out of range for a sentence encoder: its loss "
+                         f"compares each pair with the others, so it needs at least {R.MIN_PAIRS}",
+                         self.option_span(stmt, "samples"), f"evaluate at least {R.MIN_PAIRS} pairs")
+                ok = False
+        elif opts["batch"] // opts["accumulate"] < R.MIN_PAIRS:
+            batch, acc = opts["batch"], opts["accumulate"]
+            split = f"batch={batch} in accumulate={acc} micro-batches" if acc > 1 else f"batch={batch}"
+            self.err("E0309", f"{split} leaves a micro-batch with fewer than {R.MIN_PAIRS} pairs, and a pair's "
+                     "negatives are the other positives of its micro-batch", self.option_span(stmt, "batch"),
+                     f"raise batch to at least {R.MIN_PAIRS * acc}" + (" or lower accumulate" if acc > 1 else ""))
+            ok = False
+        return ok
+
+    def comparable(self, stmt: ast.Train | ast.Eval, model: ModelInfo | None, opts: dict | None) -> bool:
+        """against= compares two models of one kind: two sentence encoders of one width
+        (their embeddings), or two language models (their predictions)."""
+        against = opts.get("against") if isinstance(stmt, ast.Eval) and opts else None
+        other = self.models.get(against.name) if isinstance(against, Ref) else None
+        if model is None or other is None or model.arch is None or other.arch is None:
+            return True
+        kind = lambda m: "a sentence encoder" if _is_encoder(m) else "a language model"  # noqa: E731
+        if kind(model) != kind(other):
+            self.err("E0410", f"'{model.name}' is {kind(model)} and '{other.name}' is {kind(other)}: they cannot "
+                     "be compared on the same data", self.option_span(stmt, "against"),
+                     f"compare '{model.name}' with {kind(model)}, such as one of its snapshots "
+                     f"({model.name}@stage)")
+            return False
+        if _is_encoder(model) and "similarity" in opts["metrics"] and model.arch.dim != other.arch.dim:
+            self.err("E0410", f"similarity compares embeddings of one width, and '{model.name}' has {model.arch.dim} "
+                     f"dimensions, '{other.name}' {other.arch.dim}", self.option_span(stmt, "against"),
+                     "compare with a snapshot of the same model, or leave similarity out of metrics")
+            return False
+        return True
+
+    def option_span(self, stmt, name: str) -> Span:
+        """Where a statement's option `name` is written (its value), else the statement."""
+        return next((o.value.span for o in stmt.options if o.name.name == name), stmt.span)
+
+    def metric_span(self, stmt, metric: str) -> Span:
+        """Where `metric` is written in metrics=[...], else the option or the statement."""
+        listed = next((o.value for o in stmt.options if o.name.name == "metrics"), None)
+        items = listed.items if isinstance(listed, ast.List) else ()
+        return next((i.span for i in items if isinstance(i, ast.Name) and i.name == metric),
+                    self.option_span(stmt, "metrics"))
+
+    def written_path(self, model: str) -> str | None:
+        """The checkpoint folder of `model m = hf("folder")` as the file writes it."""
+        decl = next((i for i in self.program.items if isinstance(i, ast.ModelDecl) and i.name.name == model), None)
+        args = decl.value.args if decl is not None and isinstance(decl.value, ast.Call) else ()
+        first = next((a.value if isinstance(a, ast.KwArg) else a for a in args
+                      if not isinstance(a, ast.KwArg) or a.name.name == "path"), None)
+        return first.value if isinstance(first, ast.Str) else None
+
     def technique(self, stmt, verb: str) -> None:
         selected = self.selector(stmt.target)
         checked = self.call(stmt.technique, R.TECHNIQUES[verb])
@@ -961,6 +1037,28 @@ def _peft_export_problem(model: ModelInfo, uses: list[AdapterUse], opts: dict) -
 
 def _ref(ref: ast.ModelRef) -> Ref:
     return Ref("model", ref.model.name, stage=ref.stage.name if ref.stage else None)
+
+
+def _is_encoder(model: ModelInfo | None) -> bool:
+    """A sentence encoder (BERT): its output is an embedding, not next-token predictions."""
+    return bool(model and model.arch and model.arch.output == "embedding")
+
+
+def _pair_data_problem(data: DataInfo, checkpoint: str | None) -> tuple[str, str] | None:
+    """Why a data declaration cannot be a sentence encoder's pairs (the end of a message
+    and a hint), or None for jsonl prompt/response records with a real tokenizer."""
+    tok = f'tokenizer="{checkpoint}"' if checkpoint else 'tokenizer="<the checkpoint folder>"'
+    declare = (f'declare pairs: jsonl("pairs.jsonl", seq={data.args.get("seq", 64)}, prompt="query", '
+               f'response="positive", {tok}), each record holding an anchor and its positive')
+    a = data.args
+    if data.source == "jsonl" and a.get("prompt") is not None:
+        if a.get("tokenizer", "bytes") == "bytes":
+            return ("is tokenized as bytes", f"add {tok}: the encoder reads its checkpoint's tokens, with the "
+                                             "[CLS] and [SEP] its tokenizer adds")
+        return None
+    kind = {"markov": "is a synthetic token stream", "jsonl": "holds chat records" if a.get("messages")
+            else "is plain text"}.get(data.source, "is plain text")
+    return kind, declare
 
 
 def _plural(kind: str) -> str:

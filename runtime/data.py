@@ -9,8 +9,13 @@ so window w is stream[w*seq : w*seq + seq + 1] and neighbouring windows share on
 Inputs are window[:-1], targets window[1:]; a target whose mask is False becomes
 IGNORE_INDEX, which cross-entropy skips.
 
+A sentence encoder reads jsonl prompt/response records as (anchor, positive) pairs
+instead (`load_pairs`): no stream, no windows; each text is tokenized on its own, and a
+batch pads each side to its longest text, with a `keep` mask on the real tokens.
+
 Shape legend: N stream length, B sequences in a batch, T seq, W = T+1 window length,
-C chains, L tokens a chain lays into the stream, V vocab, K successors of a symbol.
+C chains, L tokens a chain lays into the stream, V vocab, K successors of a symbol,
+P pairs, S the longest text of a batch's side.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Iterator
 
 import torch
 
-from effc.lang.registry import BYTE_VOCAB
+from effc.lang.registry import BYTE_VOCAB, MIN_PAIRS
 from effc.lang.tokenizer_info import TokenizerError
 from effc.runtime.tokenizer import TemplateError, TextTokenizer, open_tokenizer
 
@@ -100,7 +105,11 @@ def batch_windows(split: Split, seq: int, index: int, size: int, seed: int) -> t
     version: randperm's stream is not promised across versions), and every epoch visits
     each window exactly once.
     """
-    n = windows(split, seq)
+    return _draw(windows(split, seq), index, size, seed)
+
+
+def _draw(n: int, index: int, size: int, seed: int) -> torch.Tensor:
+    """The (size,) item numbers (of n) of batch number `index`: see `batch_windows`."""
     k_B = torch.arange(index * size, (index + 1) * size)
     epoch_B, pos_B = k_B // n, k_B % n
     ids_B = torch.empty_like(k_B)
@@ -442,6 +451,113 @@ def _load_jsonl(args: dict, base_dir: Path) -> Dataset:
     return Dataset("jsonl", tok.vocab, seq, train, validation, None,
                    _describe("jsonl", train, validation, f"{len(records):,} {kind} records of {name} "
                              "(loss on responses)"))
+
+
+# ---------------------------------------------------------------- sentence pairs (encoders)
+
+@dataclass(frozen=True)
+class Sentences:
+    """Tokenized texts end to end: text i is ids[offsets[i] : offsets[i+1]]."""
+
+    ids: torch.Tensor  # (N,) int64
+    offsets: torch.Tensor  # (P+1,) int64
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+
+@dataclass(frozen=True)
+class PairSplit:
+    anchors: Sentences  # pair i is (anchors[i], positives[i])
+    positives: Sentences
+
+    def __len__(self) -> int:
+        return len(self.anchors)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """A sentence encoder's data: (anchor, positive) pairs, split into train and validation."""
+
+    vocab: int
+    seq: int
+    train: PairSplit
+    validation: PairSplit
+    description: str  # one line for the run summary
+
+
+def load_pairs(source: str, args: dict, base_dir: Path) -> Pairs:
+    """jsonl(path, seq, prompt=, response=, tokenizer=) as a sentence encoder reads it:
+    record r is the pair (anchor = its prompt field, positive = its response field). Each
+    text is tokenized on its own with the tokenizer's special tokens and truncated to seq
+    tokens (`TextTokenizer.encode_sentences`), as sentence-transformers tokenizes a
+    column with max_seq_length = seq. Validation is the last max(floor(R/20), 2) records
+    of the R, train the records before it; both hold at least MIN_PAIRS pairs, so a file
+    needs R >= 4. The checker lets only such declarations reach an encoder."""
+    if source != "jsonl" or args.get("prompt") is None or args.get("response") is None:
+        raise ValueError("sentence pairs come from jsonl(..., prompt=, response=) data")
+    name, seq = args["path"], args["seq"]
+    tok = _tokenizer(args, base_dir)
+    records = _records(_read(base_dir, name), name)
+    if len(records) < 2 * MIN_PAIRS:
+        raise DataError(f"{name} has {len(records)} record(s); a sentence encoder's pairs need at least "
+                        f"{2 * MIN_PAIRS}", "in-batch negatives need two pairs to train on and two to validate")
+    sides = []
+    for key in (args["prompt"], args["response"]):
+        texts = [_field(obj, key, name, lineno) for lineno, obj in records]
+        try:
+            sides.append(tok.encode_sentences(texts, seq))
+        except ValueError as e:
+            raise DataError(f"{name}: {e}", "raise the data's seq") from None
+    cut = len(records) - max(len(records) // VALIDATION_FRACTION, MIN_PAIRS)
+    train = PairSplit(_sentences(sides[0][:cut]), _sentences(sides[1][:cut]))
+    validation = PairSplit(_sentences(sides[0][cut:]), _sentences(sides[1][cut:]))
+    return Pairs(tok.vocab, seq, train, validation,
+                 f"jsonl: {len(train):,} train + {len(validation):,} validation pairs from {name}")
+
+
+def _sentences(ids: list[list[int]]) -> Sentences:
+    lengths_P = torch.tensor([len(x) for x in ids], dtype=torch.int64)
+    offsets = torch.zeros(len(ids) + 1, dtype=torch.int64)
+    offsets[1:] = lengths_P.cumsum(0)
+    return Sentences(torch.tensor([t for x in ids for t in x], dtype=torch.int64), offsets)
+
+
+def pair_batch(split: PairSplit, index: int, size: int, seed: int) -> torch.Tensor:
+    """The (size,) pair numbers of training batch number `index`, drawn as `batch_windows`
+    draws windows: each epoch visits every pair once, in an order fixed by (seed, epoch),
+    so the batch is a function of (seed, index) alone and a resumed run reads the same
+    pairs. Only a batch that straddles two epochs can hold a pair twice (the run refuses
+    a batch larger than the train split)."""
+    return _draw(len(split), index, size, seed)
+
+
+def eval_pairs(split: PairSplit, size: int, samples: int | None = None) -> Iterator[torch.Tensor]:
+    """The pair numbers of `split` in file order, at most `samples` of them, in batches
+    of `size` (the last may be smaller)."""
+    total = len(split) if samples is None else min(len(split), samples)
+    for start in range(0, total, size):
+        yield torch.arange(start, min(start + size, total))
+
+
+def gather_pairs(split: PairSplit, ids_B: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs `ids_B` as (anchors, anchor keep, positives, positive keep), (B, S) each side,
+    each side padded to its own longest text: the encoder's inputs `tokens` and `keep`."""
+    return (*padded(split.anchors, ids_B), *padded(split.positives, ids_B))
+
+
+def padded(texts: Sentences, ids_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts `ids_B` as (tokens, keep), both (B, S) with S the longest of them (at least
+    1): keep is True on real tokens; padding is id 0, which `keep` hides from attention
+    and from the mean."""
+    start_B = texts.offsets[ids_B]
+    len_B = texts.offsets[ids_B + 1] - start_B
+    pos_S = torch.arange(max(int(len_B.max()), 1) if len(ids_B) else 1)
+    keep_BS = pos_S < len_B[:, None]
+    ids_N1 = torch.cat([texts.ids, texts.ids.new_zeros(1)])  # (N+1,): index N reads the pad id 0
+    idx_BS = torch.where(keep_BS, start_B[:, None] + pos_S, texts.ids.numel())
+    return ids_N1[idx_BS], keep_BS
 
 
 # ---------------------------------------------------------------- markov

@@ -5,6 +5,17 @@
 - similarity: the mean, over target positions, of the cosine similarity of two models'
   next-token probability vectors (1 for identical predictions, near 0 for models that
   put their probability on different tokens).
+
+Sentence encoders (graphs that return embeddings) are evaluated on (anchor, positive)
+pairs instead (`evaluate_pairs`, `embedding_similarity`):
+- loss: the in-batch-negatives contrastive loss (`runtime/contrastive.py`) of the
+  evaluated pairs taken as *one* batch, so each anchor's negatives are all the other
+  evaluated positives and chance is log N nats for N pairs (independent of how the
+  embeddings are batched);
+- accuracy: the fraction of anchors whose own positive is the most similar of the N
+  (top-1 retrieval among the evaluated pairs; chance is 1/N);
+- similarity: the mean cosine similarity of two encoders' embeddings of the same texts
+  (every evaluated anchor and positive; 1 for identical embeddings).
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from effc.runtime import data as D
+from effc.runtime.contrastive import retrieval
 
 
 def _batches(split: D.Split, seq: int, batch: int, samples: int | None):
@@ -52,3 +64,39 @@ def similarity(a: fx.GraphModule, b: fx.GraphModule, split: D.Split, seq: int, b
         total += float(torch.nn.functional.cosine_similarity(pa, pb, dim=-1).double().sum())
         count += int(keep.sum())
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def embed(gm: fx.GraphModule, texts: D.Sentences, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """(len(ids), D) embeddings of texts `ids`, `batch` texts per forward pass."""
+    was_training = gm.training
+    gm.eval()
+    out = [gm(*D.padded(texts, chunk)) for chunk in ids.split(batch)]
+    gm.train(was_training)
+    return torch.cat(out)
+
+
+def _evaluated(split: D.PairSplit, samples: int | None) -> torch.Tensor:
+    return torch.arange(len(split) if samples is None else min(len(split), samples))
+
+
+@torch.no_grad()
+def evaluate_pairs(gm: fx.GraphModule, split: D.PairSplit, batch: int, samples: int | None = None) -> dict:
+    """An encoder's loss and top-1 retrieval accuracy on the first `samples` pairs (all
+    by default), taken as one batch; see the module docstring."""
+    ids = _evaluated(split, samples)
+    total, hits = retrieval(embed(gm, split.anchors, ids, batch), embed(gm, split.positives, ids, batch))
+    n = ids.numel()
+    return {"loss": total / max(n, 1), "accuracy": hits / max(n, 1), "pairs": n}
+
+
+@torch.no_grad()
+def embedding_similarity(a: fx.GraphModule, b: fx.GraphModule, split: D.PairSplit, batch: int,
+                         samples: int | None = None) -> float:
+    """The mean cosine similarity of encoders `a` and `b` over the evaluated pairs' 2N texts."""
+    ids = _evaluated(split, samples)
+    total = 0.0
+    for texts in (split.anchors, split.positives):
+        cos_N = torch.nn.functional.cosine_similarity(embed(a, texts, ids, batch), embed(b, texts, ids, batch), dim=-1)
+        total += float(cos_N.double().sum())
+    return total / max(2 * ids.numel(), 1)

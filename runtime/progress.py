@@ -63,6 +63,13 @@ class ConsoleReporter(Reporter):
                 t.add_row(st["stage"], f"train {st['train']} ({st['steps']} steps)", f"loss {st['loss']:.4f}",
                           f"{st['seconds']:.1f} s, {st['tokens'] / max(st['seconds'], 1e-9):,.0f} tok/s")
         for e in s.evals:
+            if "accuracy" in e:  # a sentence encoder: contrastive loss and top-1 retrieval
+                res = f"loss {e['loss']:.4f}, top-1 {100 * e['accuracy']:.1f}%"
+                if "against" in e:
+                    a = e["against"]
+                    res += f" (vs {a['model']}: {a['loss']:.4f}, top-1 {100 * a['accuracy']:.1f}%)"
+                t.add_row(e["stage"], f"eval {e['model']} on {e['data']}", res, "")
+                continue
             res = f"loss {e['loss']:.4f}, ppl {e['perplexity']:.2f}"
             if "against" in e:
                 res += f" (vs {e['against']['model']}: {e['against']['loss']:.4f}, ppl {e['against']['perplexity']:.2f})"

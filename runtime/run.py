@@ -48,7 +48,7 @@ from effc.runtime.checkpoint import (
     CheckpointError, atomic_write_json, atomic_write_text, read_tensors, write_tensors,
 )
 from effc.runtime import export as E
-from effc.runtime.evaluate import evaluate, similarity
+from effc.runtime.evaluate import embedding_similarity, evaluate, evaluate_pairs, similarity
 from effc.runtime.hf import CheckpointReader, HFError
 from effc.runtime.model import State, materialize, state_of
 from effc.runtime.peft import PeftError, export_peft, read_peft
@@ -153,6 +153,7 @@ class _Run:
         self.states: dict[str, State] = {}
         self.sources: dict[str, CheckpointReader] = {}
         self.data: dict[str, D.Dataset] = {}
+        self.pairs: dict[str, D.Pairs] = {}  # the same declaration read as an encoder's pairs
         self.stage_dirs: dict[str, Path] = {}
         self.stop = _Stop()
         self.summary = Summary()
@@ -171,6 +172,20 @@ class _Run:
             except D.DataError as e:
                 self.fail("E0501", f"data '{ref.name}': {e.message}", info.span, e.hint)
         return self.data[ref.name]
+
+    def pair_data(self, ref: Ref) -> D.Pairs:
+        """A data declaration read as a sentence encoder's (anchor, positive) pairs."""
+        info = self.r.data[ref.name]
+        if ref.name not in self.pairs:
+            try:
+                self.pairs[ref.name] = D.load_pairs(info.source, info.args, self.base)
+            except D.DataError as e:
+                self.fail("E0501", f"data '{ref.name}': {e.message}", info.span, e.hint)
+        return self.pairs[ref.name]
+
+    def encoder(self, model: str) -> bool:
+        """Whether the model is a sentence encoder: its graph returns embeddings."""
+        return getattr(self.r.models[model].arch, "output", None) == "embedding"
 
     def split(self, ref: Ref) -> D.Split:
         ds = self.dataset(ref)
@@ -370,7 +385,11 @@ class _Run:
     def train(self, stage: str, step: Step, ckpt: Path) -> None:
         model = step.model.name
         spec = TrainSpec.from_options(step.options)
-        ds = self.dataset(step.data)
+        ds = self.pair_data(step.data) if self.encoder(model) else self.dataset(step.data)
+        if isinstance(ds, D.Pairs) and spec.batch > len(ds.train):
+            self.fail("E0501", f"data '{step.data.name}' has {len(ds.train)} train pairs, fewer than batch={spec.batch}",
+                      step.span, "lower batch: a batch holds distinct pairs, since a repeated positive would be "
+                      "counted as its own negative")
         ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed)
         resume = self.opts.resume
         if not resume and ckpt.exists():
@@ -390,7 +409,7 @@ class _Run:
 
         def on_eval(m):
             self.metric({"kind": "eval", "stage": stage, "model": model, "data": f"{step.data.name}.validation", **m})
-            self.rep.line(f"  step {m['step']}: validation loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}")
+            self.rep.line(f"  step {m['step']}: validation {eval_result(m, ['perplexity'])}")
 
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
         try:
@@ -405,21 +424,30 @@ class _Run:
 
     def eval(self, stage: str, step: Step) -> None:
         model, o = step.model.name, step.options
-        split = self.split(step.data)
-        seq = self.dataset(step.data).seq
+        encoder = self.encoder(model)  # the checker lets only an encoder be compared with an encoder
+        if encoder:
+            pairs = self.pair_data(step.data)
+            split = pairs.validation if step.data.split == "validation" else pairs.train
+            measure = lambda g: evaluate_pairs(g, split, EVAL_BATCH, o["samples"])  # noqa: E731
+        else:
+            split = self.split(step.data)
+            seq = self.dataset(step.data).seq
+            measure = lambda g: evaluate(g, split, seq, EVAL_BATCH, o["samples"])  # noqa: E731
         ir, gm, fresh = self.graph(model, step.span, self.current(model), 0)
         if fresh:  # first use: these weights are the model's from now on (and in its snapshot)
             self.states[model] = state_of(gm, ir)
         rec = {"kind": "eval", "stage": stage, "model": model,
                "data": f"{step.data.name}" + (f".{step.data.split}" if step.data.split else ""),
-               **evaluate(gm, split, seq, EVAL_BATCH, o["samples"])}
+               **measure(gm)}
         against = o.get("against")
         if against is not None:
             state, until = self.snapshot(against) if against.stage else (self.current(against.name), step.span)
             _, other, _ = self.graph(against.name, until, state, 0)
             name = against.name + (f"@{against.stage}" if against.stage else "")
-            rec["against"] = {"model": name, **evaluate(other, split, seq, EVAL_BATCH, o["samples"])}
-            if "similarity" in o["metrics"]:
+            rec["against"] = {"model": name, **measure(other)}
+            if "similarity" in o["metrics"] and encoder:
+                rec["similarity"] = embedding_similarity(gm, other, split, EVAL_BATCH, o["samples"])
+            elif "similarity" in o["metrics"]:
                 _, a, _ = self.graph(model, step.span, self.current(model), 0, "logits")
                 _, b, _ = self.graph(against.name, until, state, 0, "logits")
                 rec["similarity"] = similarity(a, b, split, seq, EVAL_BATCH, o["samples"])
@@ -493,12 +521,18 @@ def _mkdir(p: Path) -> Path:
     return p
 
 
+def eval_result(m: dict, metrics: list) -> str:
+    """One evaluation's numbers: a language model's loss (and perplexity when asked for),
+    or an encoder's contrastive loss and top-1 retrieval accuracy among the N pairs."""
+    if "accuracy" in m:
+        return f"loss {m['loss']:.4f}, top-1 retrieval {100 * m['accuracy']:.1f}% of {m['pairs']} pairs"
+    return ", ".join([f"loss {m['loss']:.4f}"] + ([f"perplexity {m['perplexity']:.2f}"] if "perplexity" in metrics else []))
+
+
 def _eval_line(rec: dict, metrics: list) -> str:
-    parts = [f"loss {rec['loss']:.4f}"] + ([f"perplexity {rec['perplexity']:.2f}"] if "perplexity" in metrics else [])
-    text = f"  eval {rec['model']} on {rec['data']}: " + ", ".join(parts)
+    text = f"  eval {rec['model']} on {rec['data']}: " + eval_result(rec, metrics)
     if "against" in rec:
-        a = rec["against"]
-        text += f"  | {a['model']}: loss {a['loss']:.4f}" + (f", perplexity {a['perplexity']:.2f}" if "perplexity" in metrics else "")
+        text += f"  | {rec['against']['model']}: " + eval_result(rec["against"], metrics)
     if "similarity" in rec:
         text += f"  | similarity {rec['similarity']:.4f}"
     return text

@@ -14,6 +14,9 @@ an uninterrupted one (tests/runtime/test_resume.py checks it, kills included).
 One optimizer step: `batch` sequences in `accumulate` micro-batches (sizes differ by at
 most one); each micro-batch's summed loss is divided by the step's total target count
 before backward, so the gradient is that of the mean loss over the whole batch.
+A sentence encoder trains on `batch` (anchor, positive) pairs a step with the
+in-batch-negatives contrastive loss (`runtime/contrastive.py`), per pair instead of per
+token; its negatives come from the micro-batch (`_pair_step`).
 Structured so that later issues can change how a micro-batch is computed (activation
 checkpointing, precision, several processes) without touching the loop.
 """
@@ -33,7 +36,8 @@ import torch.fx as fx
 from effc.compiler.ir import IR
 from effc.runtime import data as D
 from effc.runtime.checkpoint import load_latest, save_checkpoint
-from effc.runtime.evaluate import evaluate
+from effc.runtime.contrastive import pair_loss_sum
+from effc.runtime.evaluate import evaluate, evaluate_pairs
 from effc.runtime.model import trainable
 
 
@@ -126,9 +130,50 @@ class Hooks:
     should_stop: Callable[[], bool] = lambda: False
 
 
-def train(gm: fx.GraphModule, ir: IR, data: D.Dataset, spec: TrainSpec, ckpt_root: Path,
+def _lm_step(gm: fx.GraphModule, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int]) -> tuple[float, int]:
+    """Forward and backward of step s of a language model: (mean loss per target token,
+    tokens read)."""
+    seq = data.seq
+    ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
+    x, y = D.gather(data.train, seq, ids)
+    packed = D.packing(data.train, seq, ids)  # records' boundaries, for data made of records
+    extras = [t.split(sizes) for t in packed] if packed else []
+    count = int((y != -100).sum())
+    total = torch.zeros((), dtype=torch.float64)
+    for i, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes))):
+        part = gm(xm, ym, *(e[i] for e in extras))
+        (part / max(count, 1)).backward()
+        total += part.detach().double()
+    return float(total) / max(count, 1), x.numel()
+
+
+def _pair_step(gm: fx.GraphModule, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int]) -> tuple[float, int]:
+    """Forward and backward of step s of a sentence encoder: (mean contrastive loss per
+    pair, real tokens read). Each micro-batch's summed loss (`pair_loss_sum`) is divided
+    by the step's pair count, so with accumulate=1 the gradient is exactly that of
+    sentence-transformers' MultipleNegativesRankingLoss on the batch. Under accumulation
+    a pair's negatives are the other positives of *its micro-batch*, not of the whole
+    batch (each micro-batch's graph is freed before the next runs): the step's loss is
+    the mean over pairs of that per-micro-batch loss, and its chance level is
+    log(micro-batch size)."""
+    ids_B = D.pair_batch(data.train, s, spec.batch, spec.seed)
+    total = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for ids_M in ids_B.split(sizes):
+        a, keep_a, p, keep_p = D.gather_pairs(data.train, ids_M)
+        part = pair_loss_sum(gm, a, keep_a, p, keep_p)
+        (part / spec.batch).backward()
+        total += part.detach().double()
+        tokens += int(keep_a.sum() + keep_p.sum())
+    return float(total) / spec.batch, tokens
+
+
+def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec, ckpt_root: Path,
           resume: bool, hooks: Hooks, eval_batch: int = 8) -> dict:
-    """Train `gm` in place; returns the summary of the run (last loss, tokens, time)."""
+    """Train `gm` in place; returns the summary of the run (last loss, tokens, time).
+    `data` is a `Dataset` for a language model (the graph returns its summed
+    cross-entropy) or `Pairs` for a sentence encoder (the graph returns embeddings, and
+    the loss is the contrastive one of `_pair_step`)."""
     named = trainable(gm, ir)
     opt = _optimizer([p for _, p in named], spec)
     start, meta = 0, {}
@@ -138,7 +183,7 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset, spec: TrainSpec, ckpt_roo
     hooks.on_start(start, meta)
     gm.train()
     sizes = micro_sizes(spec.batch, spec.accumulate)
-    seq = data.seq
+    pairs = isinstance(data, D.Pairs)
     loss = float("nan")
     tokens, t0 = 0, time.perf_counter()
     for s in range(start, spec.steps):
@@ -146,28 +191,20 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset, spec: TrainSpec, ckpt_roo
         lr = lr_at(s, spec)
         for group in opt.param_groups:
             group["lr"] = lr
-        ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
-        x, y = D.gather(data.train, seq, ids)
-        packed = D.packing(data.train, seq, ids)  # records' boundaries, for data made of records
-        extras = [t.split(sizes) for t in packed] if packed else []
-        count = int((y != -100).sum())
-        total = torch.zeros((), dtype=torch.float64)
-        for i, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes))):
-            part = gm(xm, ym, *(e[i] for e in extras))
-            (part / max(count, 1)).backward()
-            total += part.detach().double()
+        loss, n_tokens = (_pair_step if pairs else _lm_step)(gm, data, spec, s, sizes)
         if spec.clip is not None:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], spec.clip, foreach=False)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = float(total) / max(count, 1)
-        tokens += x.numel()
+        tokens += n_tokens
         elapsed = time.perf_counter() - t0
         hooks.on_step({"step": s + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9),
                        "elapsed_s": elapsed})
         done = s + 1
         if spec.eval_every and done % spec.eval_every == 0 and done < spec.steps:
-            hooks.on_eval({"step": done, **evaluate(gm, data.validation, seq, eval_batch)})
+            result = evaluate_pairs(gm, data.validation, eval_batch) if pairs else \
+                evaluate(gm, data.validation, data.seq, eval_batch)
+            hooks.on_eval({"step": done, **result})
             gm.train()
         stop = hooks.should_stop() and done < spec.steps  # a finished run just finishes
         if stop or (spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.steps):

@@ -18,6 +18,7 @@ from effc.compiler.cost import ID_BYTES, Cost, estimate
 from effc.compiler.ir import IR, Op
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
+from effc.compiler.pipeline import PASSES
 from effc.compiler.to_fx import to_fx
 from effc.runtime.memory import LiveBytes, StepMemory, measure_step
 
@@ -92,12 +93,13 @@ def _ids(configs):
 
 def _build(c: Config) -> tuple[IR, torch.fx.GraphModule, torch.Tensor, torch.Tensor]:
     info = model_info(*c.source())
-    ir, _ = run_passes(lower_model(info), ["apply_lora", "assign_roles"], PassContext(tuple(info.adapters)))
+    ir, _ = run_passes(lower_model(info), PASSES, PassContext(tuple(info.adapters)))
     gm = to_fx(ir, c.seq)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in gm.parameters():
-            torch.nn.init.normal_(p, std=0.02)
+            if p.is_floating_point():
+                torch.nn.init.normal_(p, std=0.02)
     tokens_BT = torch.randint(0, c.vocab, (c.batch, c.seq))
     targets_BT = torch.randint(0, c.vocab, (c.batch, c.seq))
     return ir, gm, tokens_BT, targets_BT
