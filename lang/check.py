@@ -417,8 +417,9 @@ class _Checker:
             return False
         if verb == "eval":
             if "perplexity" in opts["metrics"]:
-                self.err("E0410", f"perplexity is not defined for a sentence encoder: {what}, which predicts no "
-                         "tokens", self.metric_span(stmt, "perplexity"),
+                self.err("E0410", f"perplexity is not defined for '{model.name}', a sentence encoder "
+                         f"({model.args.get('architecture', model.family)}): it predicts no tokens",
+                         self.metric_span(stmt, "perplexity"),
                          "metrics=[loss] measures its contrastive loss and top-1 retrieval on the pairs; "
                          "similarity compares its embeddings with another model's (against=)")
                 ok = False
@@ -514,6 +515,11 @@ class _Checker:
         model = self.models.get(stmt.target.model.name)
         if checked.name == "peft":
             return self.peft_adapter(stmt, model, checked.args["path"], targets)
+        if checked.args.get("init") == "pissa" and model.arch and model.arch.tied and any(t.path == "head" for t in targets):
+            self.err("E0309", "init=pissa rewrites the weight it adapts into its residual, and the tied head shares "
+                     "its weight with the embedding", self.arg_span(stmt.technique, "init"),
+                     "adapt the head with another init, or leave it out of the selection")
+            return
         scope = "per_loop" if checked.args.get("per_loop") else "shared"
         self.add_adapter(stmt, model, checked.name, scope, frozenset(t.path for t in targets), checked.args)
 

@@ -9,9 +9,10 @@ the runtime reads adapter_model.safetensors (`effc.runtime.peft`). No torch here
 Face module names of the model's linear layers (`effc.lang.hf.source`) as PEFT does (a
 name equal to a target or ending in "." + target; a single string is a full-match
 regular expression) and groups the matches by (rank, alpha) from r / rank_pattern and
-lora_alpha / alpha_pattern, each group one adapter use. Anything effc would compute
-differently from PEFT is refused with the reason: use_rslora, a bias, fused GPT-2
-projections, layers_to_transform, modules_to_save, unknown peft_type.
+lora_alpha / alpha_pattern, each group one adapter use (use_rslora carried). Anything
+effc would compute differently from PEFT is refused with the reason: a bias, fused GPT-2
+projections, layers_to_transform, modules_to_save, an unconverted PiSSA-style
+initialisation, unknown peft_type.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 from effc.lang.hf import source
 
 PEFT_TYPES = {"LORA": "lora", "IA3": "ia3"}
+# Initialisations that rewrite the base weight (PiSSA, OLoRA, CorDA): an adapter saved
+# with one of them holds tensors relative to that rewritten base.
+RESIDUAL_INITS = ("pissa", "olora", "corda")
 
 
 class PeftConfigError(Exception):
@@ -87,7 +91,7 @@ def peft_uses(folder: str, family: str, linears: list[str]) -> list[PeftUse]:
     if kind is None:
         raise PeftConfigError(f"peft_type {cfg.get('peft_type')!r} is not supported",
                               f"effc imports {', '.join(PEFT_TYPES)} adapters (LoRA with use_dora is DoRA)")
-    unsupported = [(k, v) for k, v in (("use_rslora", cfg.get("use_rslora")), ("modules_to_save", cfg.get("modules_to_save")),
+    unsupported = [(k, v) for k, v in (("modules_to_save", cfg.get("modules_to_save")),
                                        ("layers_to_transform", cfg.get("layers_to_transform")),
                                        ("target_parameters", cfg.get("target_parameters")))
                    if v] + ([("bias", cfg["bias"])] if cfg.get("bias", "none") != "none" else [])
@@ -95,6 +99,12 @@ def peft_uses(folder: str, family: str, linears: list[str]) -> list[PeftUse]:
         k, v = unsupported[0]
         raise PeftConfigError(f"the adapter sets {k}={v!r}, which effc does not import",
                               "export it from PEFT without that option, or merge it with PEFT first")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.split("_")[0] in RESIDUAL_INITS:
+        raise PeftConfigError(f"the adapter was saved with init_lora_weights={init!r}: its tensors are relative to "
+                              "a base model that this initialisation changed, not to the checkpoint",
+                              "save it from PEFT with path_initial_model_for_weight_conversion=... (a plain LoRA on "
+                              "the original base), or use effc's lora(init=pissa) to start one")
     targets = cfg.get("target_modules")
     if not targets:
         raise PeftConfigError("adapter_config.json names no target_modules")
@@ -120,6 +130,7 @@ def peft_uses(folder: str, family: str, linears: list[str]) -> list[PeftUse]:
         alpha = float(_pattern(cfg.get("alpha_pattern") or {}, names[p], cfg.get("lora_alpha", 8)))
         groups.setdefault((r, alpha), set()).add(p)
     dropout = float(cfg.get("lora_dropout") or 0.0)
+    rslora = bool(cfg.get("use_rslora"))
     return [PeftUse(technique, frozenset(ps), {"rank": r, "alpha": a, "dropout": dropout, "init": "kaiming",
-                                               "peft": folder})
+                                               "rslora": rslora, "peft": folder})
             for (r, a), ps in sorted(groups.items())]

@@ -86,7 +86,8 @@ def export_peft(folder: Path, ir: IR, state, info: ModelInfo, source: Checkpoint
         alpha = Counter(alphas.values()).most_common(1)[0][0]
         config |= {"r": r, "lora_alpha": alpha, "rank_pattern": {m: v for m, v in ranks.items() if v != r},
                    "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-                   "lora_dropout": nodes[0].attrs.dropout, "use_dora": kind == "dora", "use_rslora": False,
+                   "lora_dropout": nodes[0].attrs.dropout, "use_dora": kind == "dora",
+                   "use_rslora": nodes[0].attrs.rslora,
                    "bias": "none", "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None}
     atomic_write_json(folder / "adapter_config.json", config)
     return [{"node": n.id, "technique": n.op.value, **dataclasses.asdict(n.attrs)} for n in nodes]

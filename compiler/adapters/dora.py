@@ -1,6 +1,6 @@
 """DoRA (Liu et al. 2024, arXiv:2402.09353): weight-decomposed low-rank adaptation.
 
-    W' = m ⊙ (W + s B A) / ||W + s B A||_c,   s = alpha / r
+    W' = m ⊙ (W + s B A) / ||W + s B A||_c,   s = alpha / r (alpha / sqrt(r) with rslora=true)
 
 where ||.||_c is the L2 norm of each output row over the input dimension (PEFT's
 `lora_magnitude_vector` has shape (out,)), and the norm is detached: it follows the
@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from effc.compiler.adapters import AdapterKind, adapter_param, register
-from effc.compiler.adapters.lora import low_rank, low_rank_init, low_rank_saved
+from effc.compiler.adapters.lora import LoraAttrs, low_rank, low_rank_init, low_rank_saved
 from effc.compiler.ir import Node, Op
 
 
@@ -33,6 +33,9 @@ class DoraAttrs:
     alpha: float
     dropout: float
     target: str
+    rslora: bool = False
+
+    scale = LoraAttrs.scale
 
 
 def dora_norm(W, A, B, scale: float):
@@ -55,7 +58,8 @@ class Dora(AdapterKind):
     def make(self, target, id, args, span, ir):
         t = target.attrs
         rank = args["rank"]
-        attrs = DoraAttrs(rank, float(args.get("alpha") or rank), float(args.get("dropout", 0.0)), target.id)
+        attrs = DoraAttrs(rank, float(args.get("alpha") or rank), float(args.get("dropout", 0.0)), target.id,
+                          bool(args.get("rslora")))
         params = (adapter_param(id, "A", (rank, t.in_features)), adapter_param(id, "B", (t.out_features, rank)),
                   adapter_param(id, "m", (t.out_features,)))
         return Node(id, Op.DORA, attrs, params, span, target.shape)
@@ -65,13 +69,13 @@ class Dora(AdapterKind):
         return ("B", "T", t.out_features), [(a.rank, t.in_features), (t.out_features, a.rank), (t.out_features,)]
 
     def lower(self, b, node, x):
-        return low_rank(b, node, x, node.attrs.alpha / node.attrs.rank)
+        return low_rank(b, node, x, node.attrs.scale)
 
     def after(self, b, node, value, y):
         target = b.ir.node(node.attrs.target)
         bias = b.param(target, 1) if target.attrs.bias else None
         return b.call(dora_output, y, value, b.param(target, 0), bias, b.param(node, 0), b.param(node, 1),
-                      b.param(node, 2), node.attrs.alpha / node.attrs.rank)
+                      b.param(node, 2), node.attrs.scale)
 
     def init(self, node, leaf, t, g, args, base):
         if leaf == "m":  # B = 0 at the start, so ||W + s B A||_c = ||W||_c
@@ -80,7 +84,7 @@ class Dora(AdapterKind):
 
     def merge(self, node, params, weight, bias):
         a = node.attrs
-        V = weight.double() + (a.alpha / a.rank) * (params["B"].double() @ params["A"].double())
+        V = weight.double() + a.scale * (params["B"].double() @ params["A"].double())
         W = params["m"].double()[:, None] * V / V.norm(dim=1, keepdim=True)
         return W.to(weight.dtype), bias
 

@@ -1,10 +1,17 @@
-"""LoRA (Hu et al. 2021, arXiv:2106.09685): y = x W^T + (alpha / r) · dropout(x) A^T B^T.
+"""LoRA (Hu et al. 2021, arXiv:2106.09685): y = x W^T + s · dropout(x) A^T B^T, s = alpha / r,
+or s = alpha / sqrt(r) with rslora=true (rank-stabilized LoRA, Kalajdzievski 2023,
+arXiv:2312.03732: the update's scale no longer shrinks as the rank grows).
 
 Params A (r, in) and B (out, r). Init: B = 0, so training starts from the base model;
 A with init=kaiming uniform(±1/sqrt(in)) (torch's default for a linear layer of that
-width), with init=gaussian N(0, 1/r). Merge: W + (alpha / r) B A. Cost: saves its input
-(with dropout, the dropped copy and a 1-byte mask when the input needs a gradient) and
-the rank-r intermediate A x, both needed for the A and B gradients.
+width), with init=gaussian N(0, 1/r). init=pissa (Meng et al. 2024, PiSSA,
+arXiv:2404.02948): with W = U diag(S) V^T, A = diag(sqrt(S_r / s)) V_r^T and
+B = U_r diag(sqrt(S_r / s)), so that s B A is W's top-r singular part, and the frozen
+weight becomes the residual W - s B A: the model starts where it was, and training
+moves the principal directions (PEFT's init_lora_weights="pissa", computed here in
+float64). Merge: W + s B A. Cost: saves its input (with dropout, the dropped copy and a
+1-byte mask when the input needs a gradient) and the rank-r intermediate A x, both
+needed for the A and B gradients.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ class LoraAttrs:
     alpha: float
     dropout: float
     target: str  # id of the LINEAR node the update is added to
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 def lora_update(x, A, B, scale: float):
@@ -42,7 +54,24 @@ def low_rank(b, node: Node, x, scale: float, A: int = 0, B: int = 1):
     return b.call(operator.mul, h, scale)
 
 
-def low_rank_init(node: Node, leaf: str, t, g, args: dict):
+def pissa(W, rank: int, scale: float):
+    """(A, B) of PiSSA for weight W (out, in), in float64: s B A = W's top-r singular part."""
+    U, S, Vh = _svd(W.double())
+    root = (S[:rank] / scale).sqrt()
+    return root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+
+
+def _svd(W):
+    import torch  # kind modules keep torch out of import time (checking never loads it)
+    return torch.linalg.svd(W, full_matrices=False)
+
+
+def low_rank_init(node: Node, leaf: str, t, g, args: dict, base: dict | None = None):
+    if args.get("init") == "pissa":  # B is made last: then the base keeps the residual
+        A, B = pissa(base["weight"], node.attrs.rank, node.attrs.scale)
+        if leaf == "B":
+            base["weight"].sub_((node.attrs.scale * (B @ A)).to(base["weight"].dtype))
+        return t.copy_(A if leaf == "A" else B)
     if leaf == "B":
         return t.zero_()
     if args.get("init") == "gaussian":
@@ -70,7 +99,7 @@ class Lora(AdapterKind):
         t = target.attrs
         rank = args["rank"]
         alpha = args.get("alpha") or rank  # the checker fills alpha=rank; hand-built uses may not
-        attrs = LoraAttrs(rank, float(alpha), float(args.get("dropout", 0.0)), target.id)
+        attrs = LoraAttrs(rank, float(alpha), float(args.get("dropout", 0.0)), target.id, bool(args.get("rslora")))
         params = (adapter_param(id, "A", (rank, t.in_features)), adapter_param(id, "B", (t.out_features, rank)))
         return Node(id, Op.LORA, attrs, params, span, target.shape)
 
@@ -79,14 +108,14 @@ class Lora(AdapterKind):
         return ("B", "T", t.out_features), [(a.rank, t.in_features), (t.out_features, a.rank)]
 
     def lower(self, b, node, x):
-        return low_rank(b, node, x, node.attrs.alpha / node.attrs.rank)
+        return low_rank(b, node, x, node.attrs.scale)
 
     def init(self, node, leaf, t, g, args, base):
-        return low_rank_init(node, leaf, t, g, args)
+        return low_rank_init(node, leaf, t, g, args, base)
 
     def merge(self, node, params, weight, bias):
         a = node.attrs
-        return weight + (a.alpha / a.rank) * (params["B"].double() @ params["A"].double()).to(weight.dtype), bias
+        return weight + a.scale * (params["B"].double() @ params["A"].double()).to(weight.dtype), bias
 
     def saved(self, ir, node, rg):
         return low_rank_saved(ir, node, rg)

@@ -63,6 +63,8 @@ EXPORTS = {
             "    adapt m.layers[0].mlp.down with lora(rank=2)\n    adapt m.head with lora(rank=3, alpha=1)\n",
     "dora": "    adapt m.layers[*].attn.{q,k} with dora(rank=4, alpha=8)\n    adapt m.layers[1].mlp.up with dora(rank=2)\n",
     "ia3": "    adapt m.layers[*].attn.{k,v} with ia3()\n    adapt m.layers[*].mlp.down with ia3()\n",
+    "rslora": "    adapt m.layers[*].attn.{q,v} with lora(rank=4, alpha=8, rslora=true)\n"
+              "    adapt m.layers[1].mlp.up with lora(rank=2, alpha=8, rslora=true)\n",
 }
 
 
@@ -84,6 +86,7 @@ def test_peft_loads_effcs_export_with_effcs_logits_and_parameter_count(ckpt, tmp
         assert cfg["alpha_pattern"] == {"model.layers.0.mlp.down_proj": 2.0, "lm_head": 1.0}
     if kind == "ia3":
         assert cfg["feedforward_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert cfg.get("use_rslora", False) == (kind == "rslora")
 
     ir, _ = model_ir(r, "m", None)
     state = read_tensors(tmp_path / "run" / "stages" / "00_s" / "models" / "m.safetensors")
@@ -117,6 +120,8 @@ IMPORTS = {
                                     rank_pattern={"up_proj": 2}, alpha_pattern={"up_proj": 3}),
     "dora": lambda: peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj"], use_dora=True),
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_rslora=True,
+                                      rank_pattern={"down_proj": 2}),
 }
 
 
@@ -127,7 +132,8 @@ def test_peft_adapters_import_with_peft_logits(ckpt, tmp_path, kind):
     r = check_source(src, str(tmp_path / "p.eff"))
     assert r.ok, r.diagnostics
     info = r.models["m"]
-    assert {u.technique for u in info.adapters} == {kind}
+    assert {u.technique for u in info.adapters} == {"lora" if kind == "rslora" else kind}
+    assert all(u.args.get("rslora", False) == (kind == "rslora") for u in info.adapters)
     ir, _ = model_ir(r, "m", None)
     base = CheckpointReader(read_hf(str(ckpt), SEQ), ir)
     gm, fresh = materialize(ir, SEQ, ChainMap(base, read_peft(ir, adapter_args(info), "llama")), 0,
@@ -226,11 +232,60 @@ def test_import_refusals(ckpt, tmp_path):
     (tmp_path / "prefix").mkdir()
     (tmp_path / "prefix" / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
-    (tmp_path / "rslora").mkdir()
-    (tmp_path / "rslora" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"], "use_rslora": True}))
-    for folder, words in (("empty", "no adapter_config.json"), ("prefix", "PREFIX_TUNING"), ("rslora", "use_rslora")):
+    (tmp_path / "pissa").mkdir()
+    (tmp_path / "pissa" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"], "init_lora_weights": "pissa_niter_4"}))
+    for folder, words in (("empty", "no adapter_config.json"), ("prefix", "PREFIX_TUNING"),
+                          ("pissa", "init_lora_weights='pissa_niter_4'")):
         codes = _codes(_pipeline(ckpt, f'    adapt m with peft("{tmp_path / folder}")\n    train m on d (steps=1)\n'))
         assert [c for c, _ in codes] == ["E0408"] and words in codes[0][1], codes
-    part = _codes(_pipeline(ckpt, f'    adapt m.layers[0] with peft("{tmp_path / "rslora"}")\n    train m on d (steps=1)\n'))
+    part = _codes(_pipeline(ckpt, f'    adapt m.layers[0] with peft("{tmp_path / "pissa"}")\n    train m on d (steps=1)\n'))
     assert [c for c, _ in part] == ["E0206"]
+
+
+# ---------------------------------------------------------------- PiSSA against PEFT's own initialisation
+
+
+def test_pissa_init_equals_peft_and_exports_its_residual_base(ckpt, tmp_path):
+    """lora(init=pissa): the adapter's B A and the residual base weight equal PEFT's
+    init_lora_weights="pissa" on the same checkpoint; the untrained model computes the
+    checkpoint's function; after training, format=peft writes the residual base in base/
+    and PEFT loads both with effc's logits."""
+    body = "    adapt m.layers[*].attn.{q,v} with lora(rank=4, alpha=8, init=pissa)\n"
+    src = _pipeline(ckpt, body + "    train m on d (steps=2, batch=2, optimizer=adamw(lr=1e-2))\n") + \
+        'export m to "out" (format=peft)\n'
+    f = tmp_path / "p.eff"
+    f.write_text(src)
+    r = check_source(src, str(f))
+    assert r.ok, r.diagnostics
+    ir, _ = model_ir(r, "m", None)
+    base = CheckpointReader(read_hf(str(ckpt), SEQ), ir)
+    gm, fresh = materialize(ir, SEQ, base, 0, adapter_args(r.models["m"]), output="logits")
+    assert len(fresh) == 2 * 2 * 2  # A and B of q and v in two layers
+    ref = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(ckpt),
+                              peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights="pissa")).eval()
+    names = dict(ref.named_parameters())
+    for i in range(2):
+        for ours, theirs in (("q", "q_proj"), ("v", "v_proj")):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{theirs}"
+            ba = gm.get_parameter(f"layers.{i}.attn.{ours}.lora0.B") @ gm.get_parameter(f"layers.{i}.attn.{ours}.lora0.A")
+            want = names[f"{prefix}.lora_B.default.weight"] @ names[f"{prefix}.lora_A.default.weight"]
+            torch.testing.assert_close(ba, want, atol=2e-5, rtol=1e-4)  # sign-free: SVD vectors may flip
+            torch.testing.assert_close(gm.get_parameter(f"layers.{i}.attn.{ours}.weight"),
+                                       names[f"{prefix}.base_layer.weight"], atol=2e-5, rtol=1e-4)
+    x = _tokens()
+    with torch.no_grad():
+        plain = T.AutoModelForCausalLM.from_pretrained(ckpt).eval()(x).logits
+        torch.testing.assert_close(gm(x), plain, atol=1e-5, rtol=1e-5)  # W_res + s B A = W
+    run_pipeline(r, f, RunOptions(out=tmp_path / "run"))
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(tmp_path / "out" / "base")  # the residual, not the checkpoint
+    state = read_tensors(tmp_path / "run" / "stages" / "00_s" / "models" / "m.safetensors")
+    trained, _ = materialize(ir, SEQ, state, 0, output="logits")
+    pm = peft.PeftModel.from_pretrained(T.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base"),
+                                        tmp_path / "out").eval()
+    with torch.no_grad():
+        got, want = trained(x), pm(x).logits
+    assert (got - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
