@@ -9,7 +9,8 @@ never stored) is not a parameter of the model, but it is held in memory: its byt
 in the weights.
 
 Soft prompts prepend positions to every sequence (`AdapterKind.prefix`): everything per
-token below is counted over seq + prefix positions.
+token below is counted over seq + prefix positions, except the loss's log-probabilities,
+which cover the input's own positions.
 
 Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
 - weights: every stored param; gradients: trainable params only;
@@ -237,9 +238,12 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     grads = sum(p.numel * DTYPE_BYTES[p.dtype] for p in trainable)
     opt = sum(p.numel for p in trainable) * 4 * OPTIMIZER_STATES[optimizer]
     rg = _requires_grad(ir)
-    seq += prefix_length(ir)
+    prefix = prefix_length(ir)
+    seq += prefix
     tokens = batch * seq
-    acts = tokens * _saved_bytes_per_token(ir, rg)
+    # The loss reads the input's own positions only: its log-probabilities skip the prefix.
+    loss_only = sum(e for id, _, e in _saved(ir, rg) if ir.node(id).op is Op.LOSS)
+    acts = tokens * _saved_bytes_per_token(ir, rg) - batch * prefix * loss_only
     transient = tokens * _transient_per_token(ir, rg)
     forward = tokens * _forward_peak_per_token(ir, rg)
     fwd, train = _flops(ir, rg, seq)

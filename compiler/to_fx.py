@@ -142,6 +142,13 @@ class Lowering:
         return self.g.get_attr(f"{fx_name(node.id)}.{name}")
 
 
+def embedding_adapters(ir: IR, id: str, values: list) -> list:
+    """(node, value) of an embedding's adapters in declaration order, those that prepend
+    positions (soft prompts) last: the others act on the tokens' own positions."""
+    pairs = list(zip(adapters_of(ir, id), values))
+    return sorted(pairs, key=lambda mv: kind_of(mv[0]).prefix(mv[0]) > 0)
+
+
 def graph_output(ir: IR) -> str:
     """The default output of an IR's graph: "loss" for a language model, "embedding" for
     an encoder."""
@@ -202,7 +209,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         a = n.attrs
         if n.op is Op.EMBEDDING:  # its inputs are its adapters' values
             y = g.call_function(F.embedding, (tokens, weight(n)))
-            for m, v in zip(adapters_of(ir, n.id), x):
+            for m, v in embedding_adapters(ir, n.id, x):
                 y = kind_of(m).after(b, m, v, y)
         elif n.op is Op.POSITION:
             if a.kind == "position":

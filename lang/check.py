@@ -335,6 +335,14 @@ class _Checker:
                     self.err("E0402", f"data '{data.name}' has seq={data.args['seq']} but model "
                              f"'{model.name}' takes at most seq={model.args['seq']}", stmt.data.span,
                              f"lower the data's seq, or raise the model's seq to {data.args['seq']}")
+                elif model.arch and model.arch.positions == "learned":  # a soft prompt's positions come first
+                    n = sum(u.args["length"] for u in model.adapters if u.technique == "prompt"
+                            and (u.span.line, u.span.col) < (stmt.span.line, stmt.span.col))
+                    rows = model.arch.positions_table
+                    if n and data.args["seq"] + n > rows:
+                        self.err("E0402", f"data '{data.name}' has seq={data.args['seq']} and the soft prompt adds "
+                                 f"{n} positions, but model '{model.name}' has {rows} learned positions",
+                                 stmt.data.span, f"lower the data's seq to {rows - n}, or shorten the prompt")
             if model and data and isinstance(model.args.get("vocab"), int) and data.source:
                 dv = R.data_vocab(data.source, data.args)
                 if isinstance(dv, int) and dv > model.args["vocab"]:
@@ -557,7 +565,7 @@ class _Checker:
             return
         linears = [t.path for s in targets for t in walk(s) if t.module.kind == "linear"]
         try:
-            uses = peft_uses(folder, family, linears)
+            uses = peft_uses(folder, family, linears, model.arch.dim if model.arch else None)
         except PeftConfigError as e:
             self.err("E0408", e.message, span, e.hint)
             return
@@ -1028,7 +1036,7 @@ def _peft_export_problem(model: ModelInfo, uses: list[AdapterUse], opts: dict) -
                 return (f"'{p}' has two {u.technique} adapters, and a PEFT adapter holds one per module",
                         f"the first is at line {seen[p].span.line}; format=effc keeps both")
             seen[p] = u
-            if module_name(family, p) is None:
+            if u.technique != "prompt" and module_name(family, p) is None:
                 return (f"'{p}' is one third of GPT-2's fused attention projection (c_attn), which PEFT "
                         "adapts only as a whole", "adapt attn.o, mlp.up or mlp.down, or export with format=effc")
     if len({bool(u.args.get("rslora")) for u in uses}) > 1:

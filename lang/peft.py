@@ -1,7 +1,7 @@
 """PEFT adapter folders, as the front end sees them: `adapter_config.json` only.
 
 `adapt m with peft("dir")` imports an adapter that PEFT saved (`save_pretrained`):
-LoRA, LoRA with use_dora (DoRA) or IA3. The checker reads adapter_config.json here, so
+LoRA, LoRA with use_dora (DoRA), IA3 or prompt tuning. The checker reads adapter_config.json here, so
 it knows the adapter's kind, target paths and param shapes without loading a tensor;
 the runtime reads adapter_model.safetensors (`effc.runtime.peft`). No torch here.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from effc.lang.hf import source
 
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3"}
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt"}
 # Initialisations that rewrite the base weight (PiSSA, OLoRA, CorDA): an adapter saved
 # with one of them holds tensors relative to that rewritten base.
 RESIDUAL_INITS = ("pissa", "olora", "corda")
@@ -83,9 +83,23 @@ def read_config(folder: str) -> dict:
     return cfg
 
 
-def peft_uses(folder: str, family: str, linears: list[str]) -> list[PeftUse]:
+def _prompt_use(cfg: dict, folder: str, dim: int | None) -> PeftUse:
+    """PEFT's prompt tuning: n virtual tokens of the model's width before every sequence."""
+    n, width = cfg.get("num_virtual_tokens"), cfg.get("token_dim")
+    if not isinstance(n, int) or n < 1:
+        raise PeftConfigError(f"num_virtual_tokens is {n!r}, not a positive integer", "is adapter_config.json damaged?")
+    if cfg.get("num_transformer_submodules", 1) != 1:
+        raise PeftConfigError("the prompt is for an encoder-decoder model (num_transformer_submodules=2)",
+                              "effc imports prompts of decoders and encoders")
+    if dim is not None and width not in (None, dim):
+        raise PeftConfigError(f"the prompt's token_dim is {width}, and the model's width is {dim}",
+                              "the adapter was trained on another model")
+    return PeftUse("prompt", frozenset({""}), {"length": n, "init": "vocab", "peft": folder})
+
+
+def peft_uses(folder: str, family: str, linears: list[str], dim: int | None = None) -> list[PeftUse]:
     """The adapter uses an adapter folder describes on a model of `family` whose linear
-    layers are `linears` (canonical paths)."""
+    layers are `linears` (canonical paths) and whose width is `dim`."""
     cfg = read_config(folder)
     kind = PEFT_TYPES.get(cfg.get("peft_type"))
     if kind is None:
@@ -105,6 +119,8 @@ def peft_uses(folder: str, family: str, linears: list[str]) -> list[PeftUse]:
                               "a base model that this initialisation changed, not to the checkpoint",
                               "save it from PEFT with path_initial_model_for_weight_conversion=... (a plain LoRA on "
                               "the original base), or use effc's lora(init=pissa) to start one")
+    if kind == "prompt":
+        return [_prompt_use(cfg, folder, dim)]
     targets = cfg.get("target_modules")
     if not targets:
         raise PeftConfigError("adapter_config.json names no target_modules")

@@ -348,7 +348,7 @@ ADAPTERS = Registry("adapter", {
     ), "Soft prompt tuning: trained embeddings of virtual tokens prepended to every sequence; the model is frozen. "
        "Adapt the whole model: adapt m with prompt(length=20).",
         paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning (arXiv:2104.08691)",
-        targets=("model",),
+        targets=("model",), exclusive=True,
         unmergeable="a soft prompt is extra input positions, not a change to any weight"),
     "embedding_rows": Entry("embedding_rows", (
         Param("rows", ListT(IntT(min=0)), None, "the token ids whose embedding rows train"),

@@ -18,6 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from effc import __version__
+from effc.compiler.adapters import adapter_index
 from effc.compiler.ir import ADAPTERS, IR
 from effc.lang.check import ModelInfo
 from effc.runtime.checkpoint import atomic_write_json, write_tensors
@@ -35,6 +36,25 @@ def adapter_records(ir: IR) -> list[dict]:
     """One record per adapter node: its node id, technique and attrs (target included)."""
     return [{"node": n.id, "technique": n.op.value, **dataclasses.asdict(n.attrs)}
             for n in ir.nodes() if n.op in ADAPTERS]
+
+
+def adapter_uses(info: ModelInfo, ir: IR) -> list[dict]:
+    """The adapt statements behind the IR's adapters, in order (a node's id ends in its
+    statement's number): what rebuilds the same adapter nodes from the export alone."""
+    count = max((adapter_index(n.id) + 1 for n in ir.nodes() if n.op in ADAPTERS), default=0)
+    return [{"technique": u.technique, "paths": sorted(u.paths), "args": {k: _jsonable(v) for k, v in u.args.items()}}
+            for u in info.adapters[:count]]
+
+
+def _jsonable(v):
+    """An adapter argument as JSON: sets become sorted lists, a data reference its name."""
+    if isinstance(v, (frozenset, set)):
+        return sorted(v)
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return getattr(v, "name", str(v))
 
 
 def adapter_paths(ir: IR) -> set[str]:
@@ -60,6 +80,7 @@ def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool
         "format": "effc", "format_version": 1, "effc": __version__, "pipeline": pipeline,
         "model": info.name, "family": info.family, "config": config, "merged": merge,
         "adapters": [] if merge else adapters, "merged_adapters": adapters if merge else [],
+        "uses": [] if merge else adapter_uses(info, ir),
         "files": sorted(p.name for p in folder.iterdir())})
     return adapters
 

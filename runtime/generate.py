@@ -38,9 +38,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from effc.compiler.adapters import adapters_of, kind_of, prefix_length
+from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, IRError, Op
-from effc.compiler.to_fx import add_positions, add_type0, fx_name
+from effc.compiler.to_fx import add_positions, add_type0, embedding_adapters, fx_name
 from effc.kernels.attention import attention
 from effc.kernels.rmsnorm import rms_norm
 from effc.kernels.rotary import rotary, rotary_tables
@@ -115,7 +115,7 @@ class Decoder:
         a, w, p = n.attrs, self.weights[n.id], self.pos
         if n.op is Op.EMBEDDING:  # as to_fx; a soft prompt is read once, by the first step
             y = F.embedding(tokens_BT, w[0])
-            for m, v in zip(adapters_of(self.ir, n.id), x):
+            for m, v in embedding_adapters(self.ir, n.id, x):
                 if not (p and kind_of(m).prefix(m)):
                     y = kind_of(m).after(self.eager, m, v, y)
             return y
@@ -435,7 +435,7 @@ def _read_json(path: Path) -> dict:
 
 def _load_export(folder: Path) -> Loaded:
     """An effc export: the IR rebuilt from effc.json (the family's Arch from its config,
-    then the adapters the export kept apart, as the apply_lora pass adds them)."""
+    then the adapters the export kept apart, from the adapt statements it records)."""
     from effc.compiler.lower import lower_arch
     from effc.compiler.passes import InternalError, PassContext, run_passes
     from effc.compiler.pipeline import PASSES
@@ -470,10 +470,10 @@ def _load_export(folder: Path) -> Loaded:
                             "the file is damaged: export the model again") from None
     records = meta.get("adapters") or []
     try:
-        ir, _ = run_passes(lower_arch(arch, None), PASSES, PassContext(_adapter_uses(records)))
-    except (InternalError, IRError, KeyError):  # an adapter on a weight the model lacks
+        ir, _ = run_passes(lower_arch(arch, None), PASSES, PassContext(_adapter_uses(meta, records)))
+    except (InternalError, IRError, KeyError, TypeError, ValueError):  # an adapter the model cannot hold
         ir = None
-    if ir is None or {n.id for n in ir.nodes() if n.op is Op.LORA} != {r["node"] for r in records}:
+    if ir is None or {n.id for n in ir.nodes() if n.op in ADAPTERS} != {r.get("node") for r in records}:
         raise GenerateError("effc.json's adapters do not rebuild the export's adapter nodes",
                             "the file is damaged: export the model again")
     state = _tensors(folder / "model.safetensors")
@@ -482,27 +482,21 @@ def _load_export(folder: Path) -> Loaded:
     return _loaded(ir, arch.seq, state, folders, f"export {folder}")
 
 
-_LORA_ID = re.compile(r"^(.+)\.lora(\d+)$")
-
-
-def _adapter_uses(records: list) -> tuple:
-    """effc.json's adapter records -> the AdapterUse list apply_lora reads: LoRA number i
-    is the i-th adapt statement of the model (its id ends in `.lora{i}`), so the numbering
-    and the order on each weight come out as they were."""
+def _adapter_uses(meta: dict, records: list) -> tuple:
+    """effc.json's adapt statements (`uses`, in order) -> the AdapterUse list the passes
+    read, so each node gets its number, and each weight its order, back."""
     from effc.lang.check import AdapterUse
 
-    uses: dict[int, AdapterUse] = {}
-    for r in records:
-        m = _LORA_ID.match(str(r.get("node", ""))) if isinstance(r, dict) else None
-        if m is None or r.get("technique") != "lora" or m.group(1) != r.get("target"):
-            raise GenerateError(f"effc.json names an adapter generate cannot rebuild: {r!r}",
-                                "generate reads LoRA adapters; merge others with merge_adapters=true")
-        i = int(m.group(2))
-        args = {"rank": r["rank"], "alpha": r["alpha"], "dropout": r.get("dropout", 0.0)}
-        use = uses.setdefault(i, AdapterUse("lora", "shared", frozenset(), None, args))
-        uses[i] = dataclasses.replace(use, paths=use.paths | {r["target"]})
-    # Numbers without a LoRA (none today) keep their place as adapters apply_lora skips.
-    return tuple(uses.get(i, AdapterUse("none", "shared", frozenset(), None)) for i in range(max(uses, default=-1) + 1))
+    uses = meta.get("uses")
+    if records and not isinstance(uses, list):
+        raise GenerateError("effc.json lists adapters but not the adapt statements that made them",
+                            "the export was written by an older effc: export the model again")
+    try:
+        return tuple(AdapterUse(u["technique"], "shared", frozenset(u["paths"]), None, dict(u["args"]))
+                     for u in uses or [])
+    except (KeyError, TypeError) as e:
+        raise GenerateError(f"effc.json's adapt statements are damaged: {e!r}",
+                            "export the model again") from None
 
 
 # ------------------------------------------------------------ run folders

@@ -1,11 +1,12 @@
-"""PEFT adapter folders in and out, in PEFT's own names, for LoRA, DoRA and IA3.
+"""PEFT adapter folders in and out, in PEFT's own names, for LoRA, DoRA, IA3 and prompt tuning.
 
 Out: `export_peft` writes adapter_config.json and adapter_model.safetensors as PEFT's
 save_pretrained does, so `peft.PeftModel.from_pretrained(base, folder)` loads them onto
 the Hugging Face model and computes what effc computes. Tensor names are
 `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`
 (DoRA) and `.ia3_l` (IA3: (out, 1) on an output, (1, in) on a feedforward input), with
-<module> the Hugging Face module of the target (`effc.lang.peft.module_name`).
+<module> the Hugging Face module of the target (`effc.lang.peft.module_name`); a soft
+prompt is `prompt_embeddings` (n, dim), PEFT's PROMPT_TUNING with n virtual tokens.
 target_modules lists full module names, so exactly effc's targets are adapted; ranks and
 alphas that differ from the most common ones go to rank_pattern and alpha_pattern (keyed
 by full module name); GPT-2's Conv1D layers get fan_in_fan_out. The checker has already
@@ -35,7 +36,7 @@ from effc.lang.peft import module_name
 from effc.runtime.checkpoint import atomic_write_json, write_tensors
 from effc.runtime.hf import CheckpointReader, HFError, decoder_config, write_hf
 
-PEFT_TYPE = {"lora": "LORA", "dora": "LORA", "ia3": "IA3"}
+PEFT_TYPE = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}
 TENSORS = "adapter_model.safetensors"
 
 
@@ -47,6 +48,8 @@ class PeftError(Exception):
 
 def _names(n, family: str) -> dict[str, str]:
     """PEFT's tensor name for each of the node's params, by effc leaf."""
+    if n.op.value == "prompt":  # the prompt encoder's table, outside the base model
+        return {"embeddings": "prompt_embeddings"}
     prefix = f"base_model.model.{module_name(family, n.attrs.target)}"
     if n.op.value == "ia3":
         return {"l": f"{prefix}.ia3_l"}
@@ -74,12 +77,18 @@ def export_peft(folder: Path, ir: IR, state, info: ModelInfo, source: Checkpoint
     modules = {n.attrs.target: module_name(family, n.attrs.target) for n in nodes}
     config = {"peft_type": PEFT_TYPE[kind], "task_type": "FEATURE_EXTRACTION" if info.arch.output == "embedding"
               else "CAUSAL_LM", "base_model_name_or_path": _base(folder, ir, state, info, source, final),
-              "target_modules": sorted(modules.values()), "fan_in_fan_out": family == "gpt2",
               "inference_mode": True, "modules_to_save": None, "revision": None}
+    if kind == "prompt":
+        a = info.arch
+        config |= {"num_virtual_tokens": nodes[0].attrs.length, "token_dim": a.dim, "num_transformer_submodules": 1,
+                   "num_attention_heads": a.heads, "num_layers": a.layers, "prompt_tuning_init": "RANDOM",
+                   "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None}
+    else:
+        config |= {"target_modules": sorted(modules.values()), "fan_in_fan_out": family == "gpt2"}
     if kind == "ia3":
         config |= {"feedforward_modules": sorted(modules[n.attrs.target] for n in nodes if n.attrs.scales == "input"),
                    "init_ia3_weights": True}
-    else:
+    elif kind in ("lora", "dora"):
         ranks = {modules[n.attrs.target]: n.attrs.rank for n in nodes}
         alphas = {modules[n.attrs.target]: n.attrs.alpha for n in nodes}
         r = Counter(ranks.values()).most_common(1)[0][0]

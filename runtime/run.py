@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from effc import __version__
-from effc.compiler.adapters import adapter_id
+from effc.compiler.adapters import adapter_index
+from effc.compiler.ir import ADAPTERS
 from effc.compiler.pipeline import model_ir, snapshot_until
 from effc.lang import ast
 from effc.lang.check import CheckResult, Ref, Step, hf_family
@@ -195,8 +196,8 @@ class _Run:
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def adapter_args(self, model: str) -> dict:
-        return adapter_args(self.r.models[model])
+    def adapter_args(self, model: str, ir) -> dict:
+        return adapter_args(self.r.models[model], ir)
 
     def source_of(self, model: str) -> CheckpointReader | None:
         """The checkpoint an `hf(...)` model starts from (None for other families), its
@@ -224,7 +225,7 @@ class _Run:
     def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None):
         ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
-        args = self.adapter_args(model)
+        args = self.adapter_args(model, ir)
         if any("peft" in a for a in args.values()):  # imported adapters start from their tensors
             try:
                 imported = read_peft(ir, args, hf_family(self.r.models[model]))
@@ -503,9 +504,10 @@ class _Run:
         self.rep.line(f"  exported {model} to {step.path}" + (" (adapters merged)" if merge and adapters else ""))
 
 
-def adapter_args(info) -> dict:
-    """Adapter node id -> its technique's checked arguments (its initialisation reads them)."""
-    return {adapter_id(p, u.technique, i): u.args for i, u in enumerate(info.adapters) for p in u.paths}
+def adapter_args(info, ir) -> dict:
+    """Adapter node id -> its technique's checked arguments (its initialisation reads
+    them): a node's id ends in the number of the adapt statement that made it."""
+    return {n.id: info.adapters[adapter_index(n.id)].args for n in ir.nodes() if n.op in ADAPTERS}
 
 
 def _done_key(done: Path) -> str | None:

@@ -132,7 +132,8 @@ class AdapterKind:
         the input gradient (when the input needs one) and 2 for a trainable matrix."""
         mats = [p for p in node.params if len(p.shape) == 2]
         w = sum(p.numel for p in mats)
-        bwd = 2 * w * rg[ir.inputs(node.id)[0]] + 2 * sum(p.numel for p in mats if p.trainable)
+        source = ir.inputs(node.id)
+        bwd = 2 * w * bool(source and rg[source[0]]) + 2 * sum(p.numel for p in mats if p.trainable)
         return 2 * w, bwd
 
 

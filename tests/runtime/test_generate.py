@@ -249,6 +249,8 @@ stage pre:
 
 stage tune:
     adapt m.layers[*].attn.{q,v} with lora(rank=rank, alpha=4)
+    adapt m.layers[*].attn.k with ia3()
+    adapt m with prompt(length=2)
     train m on d (steps=3, batch=2, optimizer=adamw(lr=1e-2))
 
 export m to "out" (format=effc)

@@ -65,7 +65,9 @@ EXPORTS = {
     "ia3": "    adapt m.layers[*].attn.{k,v} with ia3()\n    adapt m.layers[*].mlp.down with ia3()\n",
     "rslora": "    adapt m.layers[*].attn.{q,v} with lora(rank=4, alpha=8, rslora=true)\n"
               "    adapt m.layers[1].mlp.up with lora(rank=2, alpha=8, rslora=true)\n",
+    "prompt": "    adapt m with prompt(length=4)\n",
 }
+PEFT_TYPE = {"lora": "LORA", "dora": "LORA", "rslora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING"}
 
 
 @pytest.mark.parametrize("kind", sorted(EXPORTS))
@@ -80,7 +82,7 @@ def test_peft_loads_effcs_export_with_effcs_logits_and_parameter_count(ckpt, tmp
     out = tmp_path / "out"
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(ckpt)  # the base is still the checkpoint's
-    assert cfg["peft_type"] == ("IA3" if kind == "ia3" else "LORA")
+    assert cfg["peft_type"] == PEFT_TYPE[kind]
     if kind == "lora":
         assert cfg["r"] == 4 and cfg["rank_pattern"] == {"model.layers.0.mlp.down_proj": 2, "lm_head": 3}
         assert cfg["alpha_pattern"] == {"model.layers.0.mlp.down_proj": 2.0, "lm_head": 1.0}
@@ -96,11 +98,12 @@ def test_peft_loads_effcs_export_with_effcs_logits_and_parameter_count(ckpt, tmp
     x = _tokens()
     with torch.no_grad():
         plain = base(x).logits
-        pm = peft.PeftModel.from_pretrained(base, out, is_trainable=True).eval()
-        want, got = pm(x).logits, gm(x)
+        # is_trainable=True makes PEFT count trainable params as training would; PEFT refuses it for prompts
+        pm = peft.PeftModel.from_pretrained(base, out, is_trainable=kind != "prompt").eval()
+        want, got = pm(x).logits[:, -SEQ:], gm(x)  # a prompt's virtual positions come first
     assert (got - plain).abs().max() > 1e-3  # the adapters changed the function
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    trainable, _ = pm.get_nb_trainable_parameters()
+    trainable = pm.get_nb_trainable_parameters()[0] if kind != "prompt" else pm.prompt_encoder["default"].embedding.weight.numel()
     assert trainable == compile_checked(r).builds[0].cost.params_trainable
 
 
@@ -122,6 +125,7 @@ IMPORTS = {
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "rslora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_rslora=True,
                                       rank_pattern={"down_proj": 2}),
+    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
 }
 
 
@@ -136,12 +140,12 @@ def test_peft_adapters_import_with_peft_logits(ckpt, tmp_path, kind):
     assert all(u.args.get("rslora", False) == (kind == "rslora") for u in info.adapters)
     ir, _ = model_ir(r, "m", None)
     base = CheckpointReader(read_hf(str(ckpt), SEQ), ir)
-    gm, fresh = materialize(ir, SEQ, ChainMap(base, read_peft(ir, adapter_args(info), "llama")), 0,
+    gm, fresh = materialize(ir, SEQ, ChainMap(base, read_peft(ir, adapter_args(info, ir), "llama")), 0,
                             output="logits")
     assert fresh == []
     x = _tokens()
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), pm(x).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gm(x), pm(x).logits[:, -SEQ:], atol=1e-5, rtol=1e-5)
     assert compile_checked(r).builds[0].cost.params_trainable == pm.get_nb_trainable_parameters()[0]
 
 
@@ -260,7 +264,7 @@ def test_pissa_init_equals_peft_and_exports_its_residual_base(ckpt, tmp_path):
     assert r.ok, r.diagnostics
     ir, _ = model_ir(r, "m", None)
     base = CheckpointReader(read_hf(str(ckpt), SEQ), ir)
-    gm, fresh = materialize(ir, SEQ, base, 0, adapter_args(r.models["m"]), output="logits")
+    gm, fresh = materialize(ir, SEQ, base, 0, adapter_args(r.models["m"], ir), output="logits")
     assert len(fresh) == 2 * 2 * 2  # A and B of q and v in two layers
     ref = peft.get_peft_model(T.AutoModelForCausalLM.from_pretrained(ckpt),
                               peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
