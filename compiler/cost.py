@@ -25,7 +25,8 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
     output gradient, gathered by position); GELU: its input (ffn);
   - LINEAR: its input (in_features) when its weight is trainable (the input gradient
     needs only W);
-  - an adapter node: what its kind says (`AdapterKind.saved`, documented in each kind's
+  - an adapter node: what its kind says (`AdapterKind.saved`, plus `saved_per_step`
+    once a step for matrices it assembles, documented in each kind's
     module; LoRA: its input, with dropout the dropped copy plus a 1-byte mask when the
     input needs a gradient, and the rank-r intermediate A x);
   - ROTARY: nothing (backward rotates by -theta using the constant tables);
@@ -68,7 +69,7 @@ from dataclasses import dataclass
 from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, MATMULS, NORMS, Node, Op, ParamRecord
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}  # int64: embedding_rows' stored row index
 OPTIMIZER_STATES = {"adamw": 2}  # fp32 moments per trainable element
 ID_BYTES = 8  # int64 token ids
 
@@ -243,7 +244,8 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     tokens = batch * seq
     # The loss reads the input's own positions only: its log-probabilities skip the prefix.
     loss_only = sum(e for id, _, e in _saved(ir, rg) if ir.node(id).op is Op.LOSS)
-    acts = tokens * _saved_bytes_per_token(ir, rg) - batch * prefix * loss_only
+    acts = tokens * _saved_bytes_per_token(ir, rg) - batch * prefix * loss_only + sum(
+        kind_of(n).saved_per_step(ir, n, rg) for n in ir.nodes() if n.op in ADAPTERS and rg[n.id])
     transient = tokens * _transient_per_token(ir, rg)
     forward = tokens * _forward_peak_per_token(ir, rg)
     fwd, train = _flops(ir, rg, seq)

@@ -523,6 +523,16 @@ class _Checker:
         model = self.models.get(stmt.target.model.name)
         if checked.name == "peft":
             return self.peft_adapter(stmt, model, checked.args["path"], targets)
+        ref = checked.args.get("calibrate")
+        data = self.data.get(ref.name) if isinstance(ref, Ref) else None
+        if model and data and isinstance(model.args.get("vocab"), int) and data.source:
+            dv = R.data_vocab(data.source, data.args)
+            if isinstance(dv, int) and dv > model.args["vocab"]:
+                self.err("E0405", f"calibration data '{data.name}' produces {dv} token ids but model "
+                         f"'{model.name}' has vocab={model.args['vocab']}", self.arg_span(stmt.technique, "calibrate"),
+                         "calibrate on data tokenized for this model"
+                         + (" (byte-level text uses 256 ids)" if dv == R.BYTE_VOCAB else ""))
+                return
         if checked.args.get("init") == "pissa" and model.arch and model.arch.tied and any(t.path == "head" for t in targets):
             self.err("E0309", "init=pissa rewrites the weight it adapts into its residual, and the tied head shares "
                      "its weight with the embedding", self.arg_span(stmt.technique, "init"),
@@ -535,14 +545,14 @@ class _Checker:
                     args: dict) -> bool:
         exclusive = R.ADAPTERS.entries[technique].exclusive
         for prior in model.adapters:
-            shared = paths & prior.paths
+            shared = _adapted_weights(technique, paths) & _adapted_weights(prior.technique, prior.paths)
             if shared and (exclusive or R.ADAPTERS.entries[prior.technique].exclusive) \
                     and (prior.technique, prior.scope) != (technique, scope):
                 first = sorted(shared)[0]
                 alone = technique if exclusive else prior.technique
                 self.err("E0209", f"'{first}' already has a {prior.technique} adapter, and {alone} must be the "
                          "only adapter on its weight", stmt.target.span,
-                         f"the first is at line {prior.span.line}; {alone} rescales the weight, so it does not "
+                         f"the first is at line {prior.span.line}; {alone} {ALONE_WHY.get(alone, 'rescales the weight')}, so it does not "
                          "compose with other adapters: adapt different weights, or use one adapter here")
                 return False
             overlap = paths & prior.paths if (prior.technique, prior.scope) == (technique, scope) else ()
@@ -996,6 +1006,14 @@ class _Checker:
         return full
 
 
+def _adapted_weights(technique: str, paths: frozenset[str]) -> frozenset[str]:
+    """The weights an adapter use changes: a sublayer adapter (bottleneck) changes its
+    sublayer's output projection (attn.o, mlp.down)."""
+    if set(R.ADAPTERS.entries[technique].targets) <= {"attention", "mlp"}:
+        return frozenset(f"{p}.{'o' if p.rsplit('.', 1)[-1] == 'attn' else 'down'}" for p in paths)
+    return paths
+
+
 def hf_family(model: ModelInfo) -> str | None:
     """The Hugging Face family of a model's parameter names: an hf(...) model's, and the
     built-in decoder's, which exports as Llama; None for any other family."""
@@ -1004,7 +1022,9 @@ def hf_family(model: ModelInfo) -> str | None:
     return "llama" if model.family == "decoder" else None
 
 
-PEFT_KINDS = ("lora", "dora", "ia3", "prompt")  # effc's kinds that PEFT's format holds
+PEFT_KINDS = ("lora", "dora", "ia3", "prompt")
+# Why an exclusive adapter kind is alone on what it adapts (E0209's hint); others rescale it.
+ALONE_WHY = {"paca": "trains columns of the weight in place", "prompt": "prepends the prompt to the sequence"}  # effc's kinds that PEFT's format holds
 
 
 def _peft_export_problem(model: ModelInfo, uses: list[AdapterUse], opts: dict) -> tuple[str, str] | None:

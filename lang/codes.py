@@ -40,7 +40,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0206": ("technique does not apply", "The technique applies to modules of certain kinds (lora: linear layers), and the selection holds none."),
     "E0207": ("duplicate adapter", "Two adapters of the same kind and scope on one weight would be ambiguous. Adapters of different kinds or scopes compose additively."),
     "E0208": ("kind filter matches nothing", "The ':kind' filter removed every selected module."),
-    "E0209": ("adapter must be alone on its weight", "DoRA and IA3 rescale the weight they adapt, so they do not compose with other adapters on the same weight: a weight with a dora or ia3 adapter has no other adapter."),
+    "E0209": ("adapter must be alone on its weight", "DoRA and IA3 rescale the weight they adapt, and PaCA trains some of its columns in place, so they do not compose with other adapters on the same weight: a weight with a dora, ia3 or paca adapter has no other adapter."),
     # calls, arguments and options
     "E0301": ("unknown name in registry", "No model family, data source, technique, optimizer, schedule or merge of that name exists. The hint lists the available ones."),
     "E0302": ("not available in this version", "The name or option is part of the settled language but its implementation has not landed in this version of effc. It is refused rather than ignored."),

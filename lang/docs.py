@@ -89,9 +89,10 @@ def splice(document: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m effc.lang.docs docs/language.md", file=sys.stderr)
-        return 2
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m effc.lang.docs docs/language.md  (rewrites the file's generated half)",
+              file=sys.stderr)
+        return 0 if argv in (["-h"], ["--help"]) else 2
     path = Path(argv[0])
     path.write_text(splice(path.read_text(encoding="utf-8") if path.exists() else ""), encoding="utf-8")
     return 0

@@ -217,6 +217,44 @@ def _paca_targets(a: dict, targets: list) -> list[Problem]:
     return []
 
 
+def _svfit_targets(a: dict, targets: list) -> list[Problem]:
+    rank = a.get("rank")
+    if not isinstance(rank, int):
+        return []
+    for t in targets:
+        i, o = t.module.shape
+        if rank > min(i, o):
+            return [Problem("rank", f"rank={rank} exceeds the {min(i, o)} singular values of '{t.path}' ({i} -> {o})",
+                            f"a {o} x {i} weight has min(in, out) = {min(i, o)} singular values: choose rank <= "
+                            f"{min(i, o)}")]
+    return []
+
+
+def _nola_targets(a: dict, targets: list) -> list[Problem]:
+    problems = _lora_targets(a, targets)
+    rank, bases = a.get("rank"), a.get("bases")
+    if problems or not isinstance(rank, int) or not isinstance(bases, int):
+        return problems
+    for t in targets:
+        i, o = t.module.shape
+        if 2 * bases > rank * (i + o):
+            return [Problem("bases", f"bases={bases} trains {2 * bases} coefficients on '{t.path}' ({i} -> {o}), "
+                            f"more than the {rank * (i + o)} numbers of a rank-{rank} LoRA, which can express every "
+                            "update this NOLA can",
+                            f"NOLA is for training fewer numbers than LoRA: choose bases <= {rank * (i + o) // 2}, "
+                            f"or use lora(rank={rank})")]
+    return []
+
+
+def _mos_constraints(a: dict) -> list[Problem]:
+    rank, pool, shards = a.get("rank"), a.get("pool"), a.get("shards")
+    if isinstance(rank, int) and isinstance(pool, int) and isinstance(shards, int) and pool < rank * shards:
+        return [Problem("pool", f"pool={pool} is smaller than rank x shards = {rank * shards}",
+                        f"each weight draws rank x shards distinct shards from each pool: choose pool >= "
+                        f"{rank * shards}")]
+    return []
+
+
 def _mos_targets(a: dict, targets: list) -> list[Problem]:
     problems = _lora_targets(a, targets)
     shards = a.get("shards")
@@ -235,29 +273,36 @@ def _embedding_rows_constraints(a: dict) -> list[Problem]:
     rows, count, data = a.get("rows"), a.get("count"), a.get("calibrate")
     if rows is not None and (count is not None or data is not None):
         return [Problem("rows" if count is None else "count", "give either rows=[...] or count= with calibrate=, "
-                        "not both")]
-    if rows is None and (count is None or data is None):
-        missing = "calibrate" if count is not None else "count" if data is not None else "rows"
-        return [Problem(missing if missing != "rows" else "rows",
-                        "embedding_rows needs the rows that train: rows=[token ids], or count=N with calibrate=DATA "
-                        "(the N most frequent tokens of that data)",
-                        "for example embedding_rows(count=64, calibrate=corpus)")]
+                        "not both", "rows=[...] names the rows that train; count= with calibrate= chooses them "
+                        "from data: keep one")]
+    if rows is None and count is not None and data is None:
+        return [Problem("count", f"count={count} needs calibrate=DATA: its {count} most frequent token ids are the "
+                        "rows that train", "add calibrate= naming a data declaration, or list the rows: rows=[...]")]
+    if rows is None and data is not None and count is None:
+        return [Problem("calibrate", "calibrate= needs count=N: how many of the data's most frequent token ids train",
+                        "for example count=64")]
+    if rows is None and data is None:
+        return [Problem("rows", "embedding_rows needs the rows that train: rows=[token ids], or count=N with "
+                        "calibrate=DATA (the N most frequent token ids of that data)",
+                        "for example embedding_rows(rows=[...]) or embedding_rows(count=64, calibrate=DATA)")]
+    if rows is not None and not rows:
+        return [Problem("rows", "rows=[] lists no row, so nothing would train", "list the token ids whose rows train")]
     if rows is not None and len(set(rows)) != len(rows):
-        return [Problem("rows", "rows lists a token id twice", "list each row once")]
+        twice = next(r for r in rows if rows.count(r) > 1)
+        return [Problem("rows", f"rows lists token id {twice} twice", "list each row once")]
     return []
 
 
 def _embedding_rows_targets(a: dict, targets: list) -> list[Problem]:
     for t in targets:
-        if t.path != "embed":
-            return [Problem("rows" if a.get("rows") is not None else "count",
-                            f"embedding_rows trains rows of the token embedding, and '{t.path}' is another table",
-                            "select the token embedding: adapt m.embed with embedding_rows(...)")]
+        if t.path != "embed":  # blamed on the call: the selector chose the table
+            return [Problem("", f"embedding_rows trains rows of the token embedding, and the selection holds "
+                            f"'{t.path}', another table", "select the token embedding alone: <model>.embed")]
         vocab = t.module.shape[0]
         bad = [r for r in a.get("rows") or [] if r >= vocab]
         if bad:
             return [Problem("rows", f"row {bad[0]} is outside the vocabulary of {vocab} tokens",
-                            f"token ids run from 0 to {vocab - 1}")]
+                            f"token ids run from 0 to {vocab - 1}: are these ids from another tokenizer?")]
         if isinstance(a.get("count"), int) and a["count"] > vocab:
             return [Problem("count", f"count={a['count']} exceeds the vocabulary of {vocab} tokens",
                             "to train every row, train the embedding itself")]
@@ -301,43 +346,54 @@ ADAPTERS = Registry("adapter", {
     "paca": Entry("paca", (
         Param("fraction", FloatT(min=0, max=1, min_open=True), doc="fraction of each weight's input columns that train"),
         _SEED,
-    ), "Partial connection adaptation: a seeded random choice of each weight's input columns trains in place; the "
-       "rest stays frozen. Only those columns have gradients and optimizer state, and only their inputs are saved.",
-        paper="Woo et al. 2024, PaCA: Partial Connection Adaptation (arXiv:2503.01905)", targets=("linear",),
-        target_constraints=_paca_targets),
+    ), "Partial connection adaptation: a seeded random choice of round(fraction x in) input columns of each weight "
+       "trains in place; the rest stays frozen. Only those columns have gradients and optimizer state, and only "
+       "their inputs are saved. The only adapter on its weight.",
+        paper="Woo et al. 2025, PaCA: Partial Connection Adaptation for Efficient Fine-Tuning (arXiv:2503.01905)",
+        targets=("linear",), target_constraints=_paca_targets, exclusive=True),
     "svfit": Entry("svfit", (
         Param("rank", IntT(min=1), doc="how many of the largest singular values train"),
-    ), "Singular-value fine-tuning: W = U·diag(s)·V^T; the top-r singular values train, the singular vectors and "
-       "the rest of the weight stay frozen.",
-        paper="Sun et al. 2024, SVFit (arXiv:2409.05926)", targets=("linear",),
-        target_constraints=_lora_targets),
+    ), "Singular-value fine-tuning: W = U·diag(s)·V^T; the top-r singular values train (starting at the weight's "
+       "own), the singular vectors and the rest of the weight stay frozen: r trained numbers per weight.",
+        paper="Sun et al. 2024, SVFit: Parameter-Efficient Fine-Tuning of Large Pre-Trained Models Using Singular "
+              "Values (arXiv:2409.05926)", targets=("linear",),
+        target_constraints=_svfit_targets),
     "nola": Entry("nola", (
         _RANK,
         Param("bases", IntT(min=1), 64, "random basis matrices for each of A and B"),
         _ALPHA,
         Param("seed", IntT(min=0), 0, "seed of the random bases (made again from it, never stored)"),
     ), "LoRA whose A and B are linear combinations of fixed random bases: only the mixing coefficients train "
-       "(2 x bases numbers per weight).",
-        paper="Koohpayegani et al. 2024, NOLA (arXiv:2310.02556)", targets=("linear",),
-        target_constraints=_lora_targets),
+       "(2 x bases numbers per weight; b starts at zero). The bases are made again from the seed whenever the "
+       "model is built, never stored. Merges exactly.",
+        paper="Koohpayegani et al. 2024, NOLA: Compressing LoRA using Linear Combination of Random Basis "
+              "(arXiv:2310.02556)", targets=("linear",),
+        target_constraints=_nola_targets),
     "mos": Entry("mos", (
         _RANK,
         Param("pool", IntT(min=1), doc="shards in each pool, shared by every selected weight of one shape"),
         Param("shards", IntT(min=1), 1, "shards each low-rank vector is cut into"),
         _ALPHA, _SEED,
     ), "Mixture of shards: LoRA whose low-rank vectors are concatenations of shards drawn (by a fixed seeded "
-       "choice) from pools shared across layers; A and B draw independently.",
-        paper="Wang et al. 2024, MoS: Mixture of Shards (arXiv:2410.00938)", targets=("linear",),
-        target_constraints=_mos_targets),
+       "choice, rank x shards distinct shards per weight) from two pools that every weight of one shape in the "
+       "statement shares; A and B draw independently. The B pool starts at zero. Merges exactly.",
+        paper="Wang et al. 2024, MoS: Unleashing Parameter Efficiency of Low-Rank Adaptation with Mixture of "
+              "Shards (arXiv:2410.00938)", targets=("linear",),
+        constraints=_mos_constraints, target_constraints=_mos_targets),
     "bottleneck": Entry("bottleneck", (
         Param("size", IntT(min=1), doc="bottleneck width"),
         Param("mode", EnumT(("series", "parallel")), "series",
               "series: after the sublayer, on its output (Houlsby et al. 2019); parallel: beside it, from its "
               "input (He et al. 2022)"),
-        Param("scale", FloatT(min=0, min_open=True), 1.0, "factor on the adapter's output"),
-    ), "Bottleneck adapters on attention or MLP sublayers: up(relu(down(h))) added to the sublayer's output "
-       "(up starts at zero). Nonlinear: they cannot be merged into the weights.",
-        paper="Houlsby et al. 2019 (arXiv:1902.00751); He et al. 2022 (arXiv:2110.04366)",
+        Param("scale", FloatT(min=0, min_open=True), 1.0, "factor on the adapter's output (He et al.'s scaled "
+              "parallel adapter uses 4)"),
+    ), "Bottleneck adapters on attention or MLP sublayers: scale·up(relu(down(h))) added to the sublayer's output "
+       "before the residual add, with h that output (series) or the sublayer's input (parallel); up starts at "
+       "zero. Select sublayers (layers[*].mlp), or blocks for both. A series adapter reads the output with the "
+       "adapters declared before it on the output projection (declare it after a LoRA there to adapt the adapted "
+       "sublayer). Nonlinear: they cannot be merged into the weights.",
+        paper="Houlsby et al. 2019, Parameter-Efficient Transfer Learning for NLP (arXiv:1902.00751); He et al. "
+              "2022, Towards a Unified View of Parameter-Efficient Transfer Learning (arXiv:2110.04366)",
         targets=("attention", "mlp"),
         unmergeable="a bottleneck adapter is a small nonlinear network (up(relu(down(h)))), which no weight of the "
                     "model can absorb"),
@@ -352,10 +408,16 @@ ADAPTERS = Registry("adapter", {
         unmergeable="a soft prompt is extra input positions, not a change to any weight"),
     "embedding_rows": Entry("embedding_rows", (
         Param("rows", ListT(IntT(min=0)), None, "the token ids whose embedding rows train"),
-        Param("count", IntT(min=1), None, "train the rows of the count most frequent tokens of calibrate="),
-        Param("calibrate", DataT(), None, "data whose token frequencies choose the rows"),
-    ), "Embedding-row tuning: only the chosen rows of the token embedding train (a tied head reads them too).",
-        paper="Yuan et al. 2024, KS-Lottery (arXiv:2402.02801)", targets=("embedding",),
+        Param("count", IntT(min=1), None, "train the rows of the count most frequent token ids of calibrate= "
+              "(ties to the smaller id)"),
+        Param("calibrate", DataT(), None, "data whose token frequencies choose the rows: its train split, or the "
+              "split named (data.validation)"),
+    ), "Embedding-row tuning: only the chosen rows of the token embedding train, in place; every other weight, "
+       "the rest of the table included, stays frozen, and a tied head reads the trained rows too. Only those "
+       "rows have gradients and optimizer state. The row index is stored with the model, so later stages, "
+       "exports and generate never read the calibration data again. Merges exactly.",
+        paper="Yuan et al. 2024, KS-Lottery: Finding Certified Lottery Tickets for Multilingual Language Models "
+              "(arXiv:2402.02801)", targets=("embedding",),
         constraints=_embedding_rows_constraints, target_constraints=_embedding_rows_targets),
     "peft": Entry("peft", (
         Param("path", PathT(), doc="a folder PEFT's save_pretrained wrote (adapter_config.json, adapter_model.safetensors)"),

@@ -532,14 +532,6 @@ def pair_batch(split: PairSplit, index: int, size: int, seed: int) -> torch.Tens
     return _draw(len(split), index, size, seed)
 
 
-def eval_pairs(split: PairSplit, size: int, samples: int | None = None) -> Iterator[torch.Tensor]:
-    """The pair numbers of `split` in file order, at most `samples` of them, in batches
-    of `size` (the last may be smaller)."""
-    total = len(split) if samples is None else min(len(split), samples)
-    for start in range(0, total, size):
-        yield torch.arange(start, min(start + size, total))
-
-
 def gather_pairs(split: PairSplit, ids_B: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs `ids_B` as (anchors, anchor keep, positives, positive keep), (B, S) each side,
@@ -555,9 +547,9 @@ def padded(texts: Sentences, ids_B: torch.Tensor) -> tuple[torch.Tensor, torch.T
     len_B = texts.offsets[ids_B + 1] - start_B
     pos_S = torch.arange(max(int(len_B.max()), 1) if len(ids_B) else 1)
     keep_BS = pos_S < len_B[:, None]
-    ids_N1 = torch.cat([texts.ids, texts.ids.new_zeros(1)])  # (N+1,): index N reads the pad id 0
-    idx_BS = torch.where(keep_BS, start_B[:, None] + pos_S, texts.ids.numel())
-    return ids_N1[idx_BS], keep_BS
+    idx_BS = torch.where(keep_BS, start_B[:, None] + pos_S, 0)
+    tokens_BS = texts.ids[idx_BS] if texts.ids.numel() else torch.zeros_like(idx_BS)  # all texts empty: no ids
+    return torch.where(keep_BS, tokens_BS, 0), keep_BS
 
 
 # ---------------------------------------------------------------- markov

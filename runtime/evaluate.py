@@ -81,22 +81,30 @@ def _evaluated(split: D.PairSplit, samples: int | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_pairs(gm: fx.GraphModule, split: D.PairSplit, batch: int, samples: int | None = None) -> dict:
-    """An encoder's loss and top-1 retrieval accuracy on the first `samples` pairs (all
-    by default), taken as one batch; see the module docstring."""
+def pair_embeddings(gm: fx.GraphModule, split: D.PairSplit, batch: int, samples: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anchors, positives), (N, D) each: an encoder's embeddings of the first `samples`
+    pairs (all by default)."""
     ids = _evaluated(split, samples)
-    total, hits = retrieval(embed(gm, split.anchors, ids, batch), embed(gm, split.positives, ids, batch))
-    n = ids.numel()
+    return embed(gm, split.anchors, ids, batch), embed(gm, split.positives, ids, batch)
+
+
+def pair_metrics(a_ND: torch.Tensor, p_ND: torch.Tensor) -> dict:
+    """Loss and top-1 retrieval accuracy of N pairs' embeddings taken as one batch (see
+    the module docstring)."""
+    total, hits = retrieval(a_ND, p_ND)
+    n = a_ND.shape[0]
     return {"loss": total / max(n, 1), "accuracy": hits / max(n, 1), "pairs": n}
 
 
+def evaluate_pairs(gm: fx.GraphModule, split: D.PairSplit, batch: int, samples: int | None = None) -> dict:
+    """An encoder's `pair_metrics` on the first `samples` pairs of `split` (all by default)."""
+    return pair_metrics(*pair_embeddings(gm, split, batch, samples))
+
+
 @torch.no_grad()
-def embedding_similarity(a: fx.GraphModule, b: fx.GraphModule, split: D.PairSplit, batch: int,
-                         samples: int | None = None) -> float:
-    """The mean cosine similarity of encoders `a` and `b` over the evaluated pairs' 2N texts."""
-    ids = _evaluated(split, samples)
-    total = 0.0
-    for texts in (split.anchors, split.positives):
-        cos_N = torch.nn.functional.cosine_similarity(embed(a, texts, ids, batch), embed(b, texts, ids, batch), dim=-1)
-        total += float(cos_N.double().sum())
-    return total / max(2 * ids.numel(), 1)
+def embedding_similarity(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The mean cosine similarity of two encoders' embeddings of the same texts: `x` and
+    `y` are their `pair_embeddings` of the same pairs (2N texts)."""
+    cos_2N = torch.nn.functional.cosine_similarity(torch.cat(x), torch.cat(y), dim=-1)
+    return float(cos_2N.double().mean()) if cos_2N.numel() else 0.0

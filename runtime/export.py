@@ -68,13 +68,14 @@ def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool
     adapters = adapter_records(ir)
     adapter_keys = adapter_paths(ir)
     if merge:
-        write_tensors(folder / "model.safetensors", merged_state(ir, state))
+        merged = merged_state(ir, state)
+        write_tensors(folder / "model.safetensors", merged)
     else:
         write_tensors(folder / "model.safetensors", {k: v for k, v in state.items() if k not in adapter_keys})
         if adapter_keys:
             write_tensors(folder / "adapters.safetensors", {k: state[k] for k in sorted(adapter_keys)})
     config = dict(info.args)
-    if merge and any(ir.node(a["target"]).params[0].tied_to for a in adapters):
+    if merge and "head.weight" in merged and any(ir.node(a["target"]).params[0].tied_to for a in adapters):
         config["tied"] = False  # the head got its own update: it is stored as its own tensor
     atomic_write_json(folder / "effc.json", {
         "format": "effc", "format_version": 1, "effc": __version__, "pipeline": pipeline,

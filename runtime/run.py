@@ -37,7 +37,8 @@ import torch
 
 from effc import __version__
 from effc.compiler.adapters import adapter_index
-from effc.compiler.ir import ADAPTERS
+from effc.compiler.adapters.embedding_rows import frequent_rows
+from effc.compiler.ir import ADAPTERS, Op
 from effc.compiler.pipeline import model_ir, snapshot_until
 from effc.lang import ast
 from effc.lang.check import CheckResult, Ref, Step, hf_family
@@ -49,7 +50,7 @@ from effc.runtime.checkpoint import (
     CheckpointError, atomic_write_json, atomic_write_text, read_tensors, write_tensors,
 )
 from effc.runtime import export as E
-from effc.runtime.evaluate import embedding_similarity, evaluate, evaluate_pairs, similarity
+from effc.runtime.evaluate import embedding_similarity, evaluate, pair_embeddings, pair_metrics, similarity
 from effc.runtime.hf import CheckpointReader, HFError
 from effc.runtime.model import State, materialize, state_of
 from effc.runtime.peft import PeftError, export_peft, read_peft
@@ -225,7 +226,7 @@ class _Run:
     def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None):
         ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
-        args = self.adapter_args(model, ir)
+        args = self.calibrated(ir, self.adapter_args(model, ir), state)
         if any("peft" in a for a in args.values()):  # imported adapters start from their tensors
             try:
                 imported = read_peft(ir, args, hf_family(self.r.models[model]))
@@ -234,6 +235,20 @@ class _Run:
             state = ChainMap(state, imported)
         gm, fresh = materialize(ir, seq, state, seed, args, output)
         return ir, gm, fresh
+
+    def calibrated(self, ir, args: dict, state: State) -> dict:
+        """embedding_rows(count=N, calibrate=D): the N most frequent ids of D choose a fresh
+        index (`rows` in the node's args); an index the state holds (a snapshot) is never
+        chosen again."""
+        for n in ir.nodes():
+            a = args.get(n.id, {})
+            if n.op is not Op.EMBEDDING_ROWS or not a.get("calibrate") or n.params[0].tied_to \
+                    or f"{n.id}.index" in state:
+                continue
+            # the checker has compared the data's vocabulary with the model's (E0405)
+            ids, vocab = self.split(a["calibrate"]).tokens, ir.node(n.attrs.target).attrs.vocab
+            args = {**args, n.id: {**a, "rows": frequent_rows(ids, vocab, a["count"])}}
+        return args
 
     def snapshot(self, ref: Ref) -> tuple[State, Span | None]:
         path = self.stage_dirs[ref.stage] / "models" / f"{ref.name}.safetensors"
@@ -388,9 +403,10 @@ class _Run:
         spec = TrainSpec.from_options(step.options)
         ds = self.pair_data(step.data) if self.encoder(model) else self.dataset(step.data)
         if isinstance(ds, D.Pairs) and spec.batch > len(ds.train):
-            self.fail("E0501", f"data '{step.data.name}' has {len(ds.train)} train pairs, fewer than batch={spec.batch}",
-                      step.span, "lower batch: a batch holds distinct pairs, since a repeated positive would be "
-                      "counted as its own negative")
+            self.fail("E0501", f"data '{step.data.name}' has {len(ds.train)} train pairs, fewer than "
+                      f"batch={spec.batch}", step.span,
+                      "lower batch: a batch holds distinct pairs, since a repeated positive would be counted as "
+                      "its own negative")
         ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed)
         resume = self.opts.resume
         if not resume and ckpt.exists():
@@ -429,7 +445,11 @@ class _Run:
         if encoder:
             pairs = self.pair_data(step.data)
             split = pairs.validation if step.data.split == "validation" else pairs.train
-            measure = lambda g: evaluate_pairs(g, split, EVAL_BATCH, o["samples"])  # noqa: E731
+            embedded = []  # each measured model's embeddings, in order: similarity compares them
+
+            def measure(g):
+                embedded.append(pair_embeddings(g, split, EVAL_BATCH, o["samples"]))
+                return pair_metrics(*embedded[-1])
         else:
             split = self.split(step.data)
             seq = self.dataset(step.data).seq
@@ -447,7 +467,7 @@ class _Run:
             name = against.name + (f"@{against.stage}" if against.stage else "")
             rec["against"] = {"model": name, **measure(other)}
             if "similarity" in o["metrics"] and encoder:
-                rec["similarity"] = embedding_similarity(gm, other, split, EVAL_BATCH, o["samples"])
+                rec["similarity"] = embedding_similarity(embedded[0], embedded[1])
             elif "similarity" in o["metrics"]:
                 _, a, _ = self.graph(model, step.span, self.current(model), 0, "logits")
                 _, b, _ = self.graph(against.name, until, state, 0, "logits")
@@ -528,7 +548,8 @@ def eval_result(m: dict, metrics: list) -> str:
     or an encoder's contrastive loss and top-1 retrieval accuracy among the N pairs."""
     if "accuracy" in m:
         return f"loss {m['loss']:.4f}, top-1 retrieval {100 * m['accuracy']:.1f}% of {m['pairs']} pairs"
-    return ", ".join([f"loss {m['loss']:.4f}"] + ([f"perplexity {m['perplexity']:.2f}"] if "perplexity" in metrics else []))
+    ppl = [f"perplexity {m['perplexity']:.2f}"] if "perplexity" in metrics else []
+    return ", ".join([f"loss {m['loss']:.4f}"] + ppl)
 
 
 def _eval_line(rec: dict, metrics: list) -> str:

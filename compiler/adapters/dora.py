@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from effc.compiler.adapters import AdapterKind, adapter_param, register
-from effc.compiler.adapters.lora import LoraAttrs, low_rank, low_rank_init, low_rank_saved
+from effc.compiler.adapters.lora import LoraAttrs, low_rank, low_rank_flops, low_rank_init, low_rank_saved
 from effc.compiler.ir import Node, Op
 
 
@@ -91,6 +91,9 @@ class Dora(AdapterKind):
     def saved(self, ir, node, rg):
         shared, extra = low_rank_saved(ir, node, rg)
         return shared, extra + 4 * node.shape[-1]  # x W^T + u, for m's gradient
+
+    def flops(self, ir, node, rg):
+        return low_rank_flops(ir, node, rg)
 
     def forward_temporaries(self, ir, node):
         return 2 * node.shape[-1]  # B(Ax) before scaling; x W^T + u before the rescale

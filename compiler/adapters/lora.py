@@ -91,6 +91,16 @@ def low_rank_saved(ir: IR, node: Node, rg: dict[str, bool]) -> tuple[set[str], i
     return shared, extra
 
 
+def low_rank_flops(ir: IR, node: Node, rg: dict[str, bool]) -> tuple[int, int]:
+    """Per-token FLOPs of s·B·A·x with A (r, in) and B (out, r) trained (or made from
+    trained params): 2 per element of each forward; backward, B's gradient (2 r out),
+    the gradient at A x (2 r out, which A's gradient needs even when x needs none), A's
+    gradient (2 r in), and x's (2 r in) when x needs one."""
+    t = ir.node(node.attrs.target).attrs
+    r, i, o = node.attrs.rank, t.in_features, t.out_features
+    return 2 * r * (i + o), 4 * r * o + 2 * r * i + 2 * r * i * rg[ir.inputs(node.id)[0]]
+
+
 class Lora(AdapterKind):
     name = "lora"
     attrs = LoraAttrs
@@ -122,6 +132,9 @@ class Lora(AdapterKind):
 
     def forward_temporaries(self, ir, node):
         return node.shape[-1]  # B(Ax) before scaling
+
+    def flops(self, ir, node, rg):
+        return low_rank_flops(ir, node, rg)
 
 
 register(Lora())

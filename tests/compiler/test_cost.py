@@ -57,11 +57,12 @@ def test_lora_training_bytes_and_flops(make_model):
     floats = 16 + 16 + 16 + 16 + 24 + 24 + 16 + 64
     assert c.activation_bytes == TOKENS * (4 * floats + 2 * 2 * 4 + 2 * 4 + 2 * 4 + 128) == 14848
     assert c.flops_forward_per_token == 6400 + 2 * adapters
-    # backward: adapter weight grads 2*112; attention 8*T*16; input grads of o, gate, up,
-    # down and head (2 * (256 + 3*384 + 1024)); q, k, v and the adapters read attn_norm,
-    # which needs no gradient
-    backward = 2 * 112 + 8 * 8 * 16 + 2 * (256 + 3 * 384 + 1024)
-    assert c.flops_train_per_token == c.flops_forward_per_token + backward == 12736
+    # backward: adapter weight grads 2*112; the gradient at A x, which A's gradient needs
+    # (2 * rank * out for q and v); attention 8*T*16; input grads of o, gate, up, down and
+    # head (2 * (256 + 3*384 + 1024)); q, k, v and the adapters read attn_norm, which needs
+    # no gradient
+    backward = 2 * 112 + 2 * 2 * (16 + 8) + 8 * 8 * 16 + 2 * (256 + 3 * 384 + 1024)
+    assert c.flops_train_per_token == c.flops_forward_per_token + backward == 12832
 
 
 def test_lora_dropout_keeps_a_copy_and_a_mask(make_model):
