@@ -15,6 +15,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on a 2-core machine shared with other work a second torch thread makes
+    each small matmul wait for it (tests/runtime/test_generate.py measured ~20 ms a
+    matmul), far more than the work. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def example_checkpoints():
     """Examples that start from a Hugging Face checkpoint say in their header how to make

@@ -50,14 +50,7 @@ ROWS = [11, 0, 4, 7]  # unsorted on purpose: the index is sorted
 EMBEDDING_ROWS = f"    adapt m.embed with embedding_rows(rows={ROWS})\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a shared 2-core machine a second thread makes each small matmul
-    wait for it (tests/runtime/test_generate.py measured ~20 ms), far more than the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(make_model, body, decl=MODEL):

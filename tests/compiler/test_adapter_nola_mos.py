@@ -51,14 +51,7 @@ MOS = ("    adapt m.layers[*].attn.{q,k,v,o} with mos(rank=2, pool=6, shards=2, 
        "    adapt m.layers[*].mlp.down with mos(rank=3, pool=4)\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: on a shared 2-core machine a second thread only waits for the other
-    (tests/runtime/test_generate.py measured ~20 ms a matmul)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(make_model, body, decl=MODEL):

@@ -44,14 +44,7 @@ SVFIT = ("    adapt m.layers[*].attn.{q,v} with svfit(rank=3)\n"
          "    adapt m.layers[1].mlp.down with lora(rank=2, alpha=4)\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a 2-core machine shared with others a second thread only waits
-    (tests/runtime/test_generate.py measured ~20 ms a matmul)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(make_model, body):

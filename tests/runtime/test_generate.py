@@ -30,14 +30,7 @@ runner = CliRunner()
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a 2-core machine a second thread makes each matmul of a
-    few rows wait ~20 ms for it (measured), 100 times the work."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------- models
 

@@ -49,13 +49,7 @@ RANKS = [4, 8, 16]
 EQUAL = (0.1875, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matmuls: on a 2-core machine shared with others a second thread only waits."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ir(technique: str | None) -> IR:

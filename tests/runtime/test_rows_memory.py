@@ -76,13 +76,7 @@ def _ids(configs):
     return [pytest.param(c, id=c.name) for c in configs]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread (see tests/runtime/test_generate.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _build(c: Config):
