@@ -138,3 +138,24 @@ class Lora(AdapterKind):
 
 
 register(Lora())
+
+
+class AssembledLowRank(AdapterKind):
+    """The cost of a rank-r update s·B·A·x whose A (r, in) and B (out, r) are assembled
+    each step from other params (NOLA's mixed bases, MoS's shard pools): per token as
+    LoRA without dropout (x, and A x for B's gradient; LoRA's FLOPs), plus the assembled
+    B, and A when x needs a gradient, kept once a step for backward."""
+
+    def saved(self, ir, node, rg):
+        return {ir.inputs(node.id)[0]}, 4 * node.attrs.rank  # x, and A x for B's gradient
+
+    def saved_per_step(self, ir, node, rg):
+        t = ir.node(node.attrs.target).attrs  # the assembled B, and A when x needs a gradient
+        return 4 * node.attrs.rank * (t.out_features + t.in_features * rg[ir.inputs(node.id)[0]])
+
+    def forward_temporaries(self, ir, node):
+        return node.shape[-1]  # B(Ax) before scaling
+
+    def flops(self, ir, node, rg):
+        return low_rank_flops(ir, node, rg)
+

@@ -44,8 +44,8 @@ import operator
 import random
 from dataclasses import dataclass
 
-from effc.compiler.adapters import AdapterKind, adapter_id, register
-from effc.compiler.adapters.lora import low_rank_flops
+from effc.compiler.adapters import adapter_id, register
+from effc.compiler.adapters.lora import AssembledLowRank
 from effc.compiler.ir import Node, Op, ParamRecord
 
 POOLS = ("PA", "PB")
@@ -91,7 +91,7 @@ def shard_columns(pool_PS, index_RL):
     return shard_rows(pool_PS, index_RL).T
 
 
-class Mos(AdapterKind):
+class Mos(AssembledLowRank):
     name = "mos"
     attrs = MosAttrs
 
@@ -136,19 +136,6 @@ class Mos(AdapterKind):
         A = shard_rows(PA, PA.new_tensor(shard_index(a, "A")).long())
         B = shard_columns(PB, PB.new_tensor(shard_index(a, "B")).long())
         return weight + (a.alpha / a.rank) * (B @ A).to(weight.dtype), bias
-
-    def saved(self, ir, node, rg):
-        return {ir.inputs(node.id)[0]}, 4 * node.attrs.rank  # x, and A x for B's gradient
-
-    def saved_per_step(self, ir, node, rg):
-        t = ir.node(node.attrs.target).attrs  # the assembled B, and A when x needs a gradient
-        return 4 * node.attrs.rank * (t.out_features + t.in_features * rg[ir.inputs(node.id)[0]])
-
-    def forward_temporaries(self, ir, node):
-        return node.shape[-1]  # B(Ax) before scaling
-
-    def flops(self, ir, node, rg):
-        return low_rank_flops(ir, node, rg)
 
 
 register(Mos())

@@ -36,8 +36,8 @@ import math
 import operator
 from dataclasses import dataclass
 
-from effc.compiler.adapters import AdapterKind, adapter_param, register
-from effc.compiler.adapters.lora import low_rank_flops
+from effc.compiler.adapters import adapter_param, register
+from effc.compiler.adapters.lora import AssembledLowRank
 from effc.compiler.ir import Node, Op, ParamRecord
 
 BASES = ("A_bases", "B_bases")  # the generated leaves, in param order after a and b
@@ -80,7 +80,7 @@ def mix(c, bases):
     return (c @ bases.flatten(1)).view(bases.shape[1:])
 
 
-class Nola(AdapterKind):
+class Nola(AssembledLowRank):
     name = "nola"
     attrs = NolaAttrs
 
@@ -120,19 +120,6 @@ class Nola(AdapterKind):
         A = mix(params["a"].double(), generated(node, "A_bases", (a.bases, a.rank, in_)).to(weight.device))
         B = mix(params["b"].double(), generated(node, "B_bases", (a.bases, out, a.rank)).to(weight.device))
         return weight + (a.alpha / a.rank) * (B @ A).to(weight.dtype), bias
-
-    def saved(self, ir, node, rg):
-        return {ir.inputs(node.id)[0]}, 4 * node.attrs.rank  # x, and A x for B's gradient
-
-    def saved_per_step(self, ir, node, rg):
-        t = ir.node(node.attrs.target).attrs  # the assembled B, and A when x needs a gradient
-        return 4 * node.attrs.rank * (t.out_features + t.in_features * rg[ir.inputs(node.id)[0]])
-
-    def forward_temporaries(self, ir, node):
-        return node.shape[-1]  # B(Ax) before scaling
-
-    def flops(self, ir, node, rg):
-        return low_rank_flops(ir, node, rg)
 
 
 register(Nola())

@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from effc.compiler.adapters.mos import shard_index
 from effc.compiler.cost import estimate
-from effc.compiler.ir import ADAPTERS, IR, Op
+from effc.compiler.ir import ADAPTERS, IR
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.pipeline import PASSES, model_ir

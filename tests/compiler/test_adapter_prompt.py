@@ -77,7 +77,7 @@ def test_loss_and_gradients_equal_extra_tokens_with_trained_rows():
 
 def test_logits_keep_the_inputs_length_and_init_vocab_copies_embedding_rows():
     info, ir, _ = _build(f"    adapt m with prompt(length={N})\n")
-    gm, fresh = materialize(ir, SEQ, {}, 4, {f"embed.prompt0": {"init": "vocab"}}, output="logits")
+    gm, fresh = materialize(ir, SEQ, {}, 4, {"embed.prompt0": {"init": "vocab"}}, output="logits")
     P, W = gm.get_parameter("embed.prompt0.embeddings"), gm.get_parameter("embed.weight")
     assert all(any(torch.equal(row, w) for w in W) for row in P)  # each row is a row of the table
     x, _ = _tokens(1)

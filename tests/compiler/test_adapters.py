@@ -19,7 +19,6 @@ from effc.compiler.lower import lower_model
 from effc.compiler.passes import PASSES, PassContext, run_passes
 from effc.compiler.pipeline import PASSES as PIPELINE
 from effc.compiler.to_fx import fx_name
-from effc.compiler.verify import verify
 from effc.lang import registry as R
 from effc.lang.check import check_source
 from effc.runtime.model import materialize, merged_state, state_of

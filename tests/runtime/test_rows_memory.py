@@ -29,7 +29,7 @@ from effc.runtime.checkpoint import read_tensors
 from effc.runtime.generate import load
 from effc.runtime.memory import StepMemory, measure_step
 from effc.runtime.model import materialize, merged_state, state_of, trainable
-from effc.runtime.run import RunFailed, RunOptions, adapter_args, run_pipeline
+from effc.runtime.run import RunOptions, adapter_args, run_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "compiler"))

@@ -4,7 +4,6 @@ arithmetic (schedules, accumulation) against formulas."""
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
