@@ -14,8 +14,9 @@ rescales a dropped copy of the base output, so the two agree in eval mode and wi
 dropout=0. DoRA rescales the weight, so it is the only adapter on its weight.
 
 Cost: LoRA's saved tensors plus the sum x W^T + s B A x (out per token), which the
-gradient of m needs. Each forward also forms W + s B A and its row norms: O(out · in · r)
-per step, not per token, so not in the per-token FLOPs.
+gradient of m needs, and once a step the row norms n and m / n (2 out floats). Each
+forward also forms W + s B A and its row norms: O(out · in · r) per step, not per
+token, so not in the per-token FLOPs.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class Dora(AdapterKind):
 
     def flops(self, ir, node, rg):
         return low_rank_flops(ir, node, rg)
+
+    def saved_per_step(self, ir, node, rg):
+        return 4 * 2 * node.shape[-1]  # the norm n, for m / n's gradient, and m / n, for the rescale's
 
     def forward_temporaries(self, ir, node):
         return 2 * node.shape[-1]  # B(Ax) before scaling; x W^T + u before the rescale

@@ -73,6 +73,8 @@ GRID = [
     Config("lora_all_mha_tied_v1024", 1024, 64, 2, 4, 4, 128, True, f"{ALL}(rank=4)", 2, 64),
     Config("lora_all_drop_gqa_T128", 256, 64, 2, 4, 2, 192, False, f"{ALL}(rank=4, dropout=0.05)", 1, 128),
     Config("lora_all_drop_mha", 64, 48, 3, 4, 4, 96, False, f"{ALL}(rank=2, dropout=0.1)", 4, 32),
+    Config("dora_qv_gqa", 64, 32, 2, 4, 2, 64, False, "layers[*].attn.{q,v} with dora(rank=4)", 2, 32),
+    Config("ia3_all_mha", 64, 32, 2, 4, 4, 64, False, "layers[*].**:linear with ia3()", 2, 32),
 ]
 
 
