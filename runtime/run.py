@@ -166,24 +166,22 @@ class _Run:
     def fail(self, code: str, message: str, span: Span, hint: str | None = None):
         raise RunFailed([error(code, message, span, hint)])
 
-    def dataset(self, ref: Ref) -> D.Dataset:
+    def _read_data(self, cache: dict, load, ref: Ref):
+        """Data `ref` read by `load` once per run; a data error is E0501 at its declaration."""
         info = self.r.data[ref.name]
-        if ref.name not in self.data:
+        if ref.name not in cache:
             try:
-                self.data[ref.name] = D.load_data(info.source, info.args, self.base)
+                cache[ref.name] = load(info.source, info.args, self.base)
             except D.DataError as e:
                 self.fail("E0501", f"data '{ref.name}': {e.message}", info.span, e.hint)
-        return self.data[ref.name]
+        return cache[ref.name]
+
+    def dataset(self, ref: Ref) -> D.Dataset:
+        return self._read_data(self.data, D.load_data, ref)
 
     def pair_data(self, ref: Ref) -> D.Pairs:
         """A data declaration read as a sentence encoder's (anchor, positive) pairs."""
-        info = self.r.data[ref.name]
-        if ref.name not in self.pairs:
-            try:
-                self.pairs[ref.name] = D.load_pairs(info.source, info.args, self.base)
-            except D.DataError as e:
-                self.fail("E0501", f"data '{ref.name}': {e.message}", info.span, e.hint)
-        return self.pairs[ref.name]
+        return self._read_data(self.pairs, D.load_pairs, ref)
 
     def encoder(self, model: str) -> bool:
         """Whether the model is a sentence encoder: its graph returns embeddings."""
