@@ -292,12 +292,7 @@ def init_checkpoint(
         problems.append(f"--kv-heads {kv_heads} must divide --heads {heads}")
     if family is CheckpointFamily.gpt2 and kv_heads not in (None, heads):
         problems.append("GPT-2 has one key/value head per query head: leave out --kv-heads")
-    if folder.exists():
-        problems.append(f"'{folder}' exists; effc never overwrites a checkpoint")
-    if problems:
-        typer.echo("\n".join(f"error: {p}" for p in problems) + "\n   = hint: see effc init-checkpoint --help",
-                   err=True)
-        raise typer.Exit(2)
+    _refuse_checkpoint(folder, problems)
     try:
         cfg = make_checkpoint(folder, family.value, vocab, dim, layers, heads, kv_heads, ffn, seq, seed)
     except OSError as exc:
@@ -307,6 +302,16 @@ def init_checkpoint(
                f"{layers} layers of width {dim}, seq {seq}", err=True)
 
 
+def _refuse_checkpoint(folder: Path, problems: list[str]) -> None:
+    """Stop with every problem of an init-checkpoint call (an existing folder is one)."""
+    if folder.exists():
+        problems = [*problems, f"'{folder}' exists; effc never overwrites a checkpoint"]
+    if problems:
+        typer.echo("\n".join(f"error: {p}" for p in problems) + "\n   = hint: see effc init-checkpoint --help",
+                   err=True)
+        raise typer.Exit(2)
+
+
 def _copy_pretrained(ctx: typer.Context, folder: Path, name: str) -> None:
     from effc.runtime.tiny import PretrainedError, copy_pretrained
 
@@ -314,12 +319,7 @@ def _copy_pretrained(ctx: typer.Context, folder: Path, name: str) -> None:
                                                    "seq", "seed")
               if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"]  # written, not defaulted
     problems = [f"--pretrained copies {name} as it is, so {', '.join(shaped)} cannot apply"] if shaped else []
-    if folder.exists():
-        problems.append(f"'{folder}' exists; effc never overwrites a checkpoint")
-    if problems:
-        typer.echo("\n".join(f"error: {p}" for p in problems) + "\n   = hint: see effc init-checkpoint --help",
-                   err=True)
-        raise typer.Exit(2)
+    _refuse_checkpoint(folder, problems)
     try:
         cfg = copy_pretrained(folder, name)
     except PretrainedError as exc:

@@ -21,7 +21,7 @@ from effc.compiler.adapters import prefix_length
 from effc.compiler.pipeline import compile_checked
 from effc.compiler.to_fx import graph_output, to_fx
 from effc.lang.check import check_file
-from effc.runtime.memory import measure_step
+from effc.runtime.memory import measure_step, warm_adamw
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -38,14 +38,10 @@ def measure(build) -> dict:
                 p.normal_(0, 0.02)
             else:  # embedding_rows' row index: rows 0, 1, ...
                 p.copy_(torch.arange(p.numel()))
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], foreach=False)
     vocab = build.ir.node("embed").attrs.vocab
     x = torch.randint(0, vocab, (c.batch, seq))
     y = torch.randint(0, vocab, (c.batch, seq))
-    gm(x, y).backward()  # warm-up: AdamW's state exists from here on
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    m = measure_step(gm, list(gm.parameters()), opt, x, y)
+    m = measure_step(gm, list(gm.parameters()), warm_adamw(gm, x, y), x, y)
     return {"activations_est_mib": c.activation_bytes / MIB, "activations_measured_mib": m.activations / MIB,
             "peak_est_mib": c.peak_bytes / MIB, "peak_measured_mib": m.peak / MIB,
             "peak_ratio": c.peak_bytes / m.peak}

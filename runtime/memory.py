@@ -95,12 +95,22 @@ def _distinct_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def warm_adamw(gm: fx.GraphModule, tokens: torch.Tensor, targets: torch.Tensor) -> torch.optim.AdamW:
+    """AdamW over the graph's trainable params after one full step on (tokens, targets):
+    its state exists, so a `measure_step` that follows measures the steady state."""
+    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3, foreach=False)
+    gm(tokens, targets).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
 def measure_step(gm: fx.GraphModule, params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
                  tokens: torch.Tensor, targets: torch.Tensor) -> StepMemory:
     """One full training step of `gm` (forward, loss.backward(), optimizer.step(),
     zero_grad(set_to_none=True)) under a `LiveBytes`. `params` are all the model's weights,
-    frozen ones included. The caller runs a warm-up step first, so that the optimizer's
-    state exists and the step measures steady state rather than its lazy creation."""
+    frozen ones included. The caller runs a warm-up step first (`warm_adamw`), so that the
+    optimizer's state exists and the step measures steady state rather than its lazy creation."""
     params = list(params)
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     with LiveBytes() as live:

@@ -4,10 +4,10 @@ For each `adapt ... with <kind>(...)` the pass adds the nodes the kind builds fo
 targets it names (a LINEAR, or the node the kind attaches a selected module to; params
 role "adapter"): each reads its source (the target's input unless the kind says
 otherwise) and feeds its target. A target's adapters take its ports after its own
-inputs, in declaration order, whichever pass added them: the node id ends in the adapter's declaration index (`q.lora0`,
-`k.ia3_2`), which keeps two adapters on one weight apart and orders them. Then the base
-is frozen: a model with adapters trains only them. A rewrite is one adapter node added
-or one base param frozen.
+inputs, in declaration order, whichever pass added them: the node id ends in the
+adapter's declaration index (`q.lora0`, `k.ia3_2`), which keeps two adapters on one
+weight apart and orders them. Then the base is frozen: a model with adapters trains only
+them. A rewrite is one adapter node added or one base param frozen.
 """
 
 from __future__ import annotations

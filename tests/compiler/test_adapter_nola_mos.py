@@ -36,7 +36,7 @@ from effc.lang.check import check_source
 from effc.runtime.checkpoint import read_tensors, write_tensors
 from effc.runtime.export import adapter_paths, export_effc
 from effc.runtime.generate import Decoder
-from effc.runtime.memory import measure_step
+from effc.runtime.memory import measure_step, warm_adamw
 from effc.runtime.model import materialize, merged_state, state_of, trainable
 
 SEQ = 8
@@ -404,11 +404,7 @@ def test_activation_bytes_against_a_measured_step(make_model, c):
     gm = materialize(ir, c.seq, state_of(gm, ir), 0)[0]  # the bases as the kind makes them
     x = torch.randint(0, 64, (c.batch, c.seq))
     y = torch.randint(0, 64, (c.batch, c.seq))
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3, foreach=False)
-    gm(x, y).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    measured = measure_step(gm, gm.parameters(), opt, x, y)
+    measured = measure_step(gm, gm.parameters(), warm_adamw(gm, x, y), x, y)
     cost = estimate(ir, c.batch, c.seq)
     assert measured.activations == cost.activation_bytes + LOSS_BYTES
     assert per_step_bytes(ir) == cost.activation_bytes - estimate(ir, 2 * c.batch, c.seq).activation_bytes \

@@ -163,15 +163,10 @@ def test_activation_bytes_match_the_tensor_level_measurement():
     """The cost model's activations of a prompt-tuning step against runtime/memory.py's
     count of live storages (the tolerance and the accounting of test_memory.py: the
     measurement also holds the scalar loss)."""
-    from effc.runtime.memory import measure_step
+    from effc.runtime.memory import measure_step, warm_adamw
 
     _, ir, _ = _build(f"    adapt m with prompt(length={N})\n")
     gm, _ = materialize(ir, SEQ, _random_state(ir, 5), 0)
-    params = [p for p in gm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=False)
     x, y = _tokens(7)
-    gm(x, y).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    m = measure_step(gm, gm.parameters(), opt, x, y)
+    m = measure_step(gm, gm.parameters(), warm_adamw(gm, x, y), x, y)
     assert m.activations == estimate(ir, 2, SEQ).activation_bytes + 8  # LOSS_BYTES of test_memory.py

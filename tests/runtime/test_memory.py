@@ -20,7 +20,7 @@ from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.pipeline import PASSES
 from effc.compiler.to_fx import to_fx
-from effc.runtime.memory import LiveBytes, StepMemory, measure_step
+from effc.runtime.memory import LiveBytes, StepMemory, measure_step, warm_adamw
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "compiler"))
 from conftest import model_info  # noqa: E402
@@ -107,18 +107,11 @@ def _build(c: Config) -> tuple[IR, torch.fx.GraphModule, torch.Tensor, torch.Ten
     return ir, gm, tokens_BT, targets_BT
 
 
-def _warm_optimizer(gm, tokens_BT, targets_BT) -> torch.optim.AdamW:
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3, foreach=False)
-    gm(tokens_BT, targets_BT).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return opt
-
 
 @functools.cache
 def _measured(c: Config) -> tuple[IR, Cost, StepMemory]:
     ir, gm, tokens_BT, targets_BT = _build(c)
-    opt = _warm_optimizer(gm, tokens_BT, targets_BT)
+    opt = warm_adamw(gm, tokens_BT, targets_BT)
     return ir, estimate(ir, c.batch, c.seq), measure_step(gm, gm.parameters(), opt, tokens_BT, targets_BT)
 
 
@@ -179,7 +172,7 @@ def test_a_training_step_frees_everything_it_creates():
     """Every storage made by forward, backward, step and zero_grad is seen freed: the
     finalizers fire, so live bytes come back to the baseline exactly."""
     _, gm, tokens_BT, targets_BT = _build(GRID[5])
-    opt = _warm_optimizer(gm, tokens_BT, targets_BT)
+    opt = warm_adamw(gm, tokens_BT, targets_BT)
     state = [t for s in opt.state.values() for t in s.values()]
     with LiveBytes() as live:
         for t in [*gm.parameters(), *gm.buffers(), *state, tokens_BT, targets_BT]:

@@ -30,7 +30,7 @@ from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.pipeline import PASSES
 from effc.compiler.to_fx import to_fx
-from effc.runtime.memory import StepMemory, measure_step
+from effc.runtime.memory import StepMemory, measure_step, warm_adamw
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "compiler"))
 from conftest import model_info  # noqa: E402
@@ -73,10 +73,7 @@ def measured(technique: str | None) -> tuple[IR, Cost, StepMemory]:
             torch.nn.init.normal_(p, std=0.02)
     tokens_BT = torch.randint(0, 64, (BATCH, SEQ))
     targets_BT = torch.randint(0, 64, (BATCH, SEQ))
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3, foreach=False)
-    gm(tokens_BT, targets_BT).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt = warm_adamw(gm, tokens_BT, targets_BT)
     return ir, estimate(ir, BATCH, SEQ), measure_step(gm, gm.parameters(), opt, tokens_BT, targets_BT)
 
 

@@ -27,7 +27,7 @@ from effc.lang.check import check_source
 from effc.runtime import data as D
 from effc.runtime.checkpoint import read_tensors
 from effc.runtime.generate import load
-from effc.runtime.memory import StepMemory, measure_step
+from effc.runtime.memory import StepMemory, measure_step, warm_adamw
 from effc.runtime.model import materialize, merged_state, state_of, trainable
 from effc.runtime.run import RunOptions, adapter_args, run_pipeline
 
@@ -89,13 +89,6 @@ def _build(c: Config):
     return ir, gm, tokens_BT, targets_BT
 
 
-def _warm_optimizer(gm, tokens_BT, targets_BT) -> torch.optim.AdamW:
-    opt = torch.optim.AdamW([p for p in gm.parameters() if p.requires_grad], lr=1e-3, foreach=False)
-    gm(tokens_BT, targets_BT).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return opt
-
 
 _cache: dict[str, tuple[IR, Cost, StepMemory]] = {}
 
@@ -103,7 +96,7 @@ _cache: dict[str, tuple[IR, Cost, StepMemory]] = {}
 def _measured(c: Config) -> tuple[IR, Cost, StepMemory]:
     if c.name not in _cache:
         ir, gm, tokens_BT, targets_BT = _build(c)
-        opt = _warm_optimizer(gm, tokens_BT, targets_BT)
+        opt = warm_adamw(gm, tokens_BT, targets_BT)
         _cache[c.name] = ir, estimate(ir, c.batch, c.seq), measure_step(gm, gm.parameters(), opt, tokens_BT,
                                                                          targets_BT)
     return _cache[c.name]
