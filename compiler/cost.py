@@ -67,9 +67,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from effc.compiler.adapters import kind_of, prefix_length
-from effc.compiler.ir import ADAPTERS, IR, MATMULS, NORMS, Node, Op, ParamRecord
+from effc.compiler.ir import ADAPTERS, IR, NORMS, Node, Op, ParamRecord
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8}  # int64: embedding_rows' stored row index
+# int64: embedding_rows' stored row index; uint8/int8: packed quantized weights
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "uint8": 1, "int8": 1}
 OPTIMIZER_STATES = {"adamw": 2}  # fp32 moments per trainable element
 ID_BYTES = 8  # int64 token ids
 
@@ -89,6 +90,8 @@ class Cost:
     peak_bytes: int
     flops_forward_per_token: int
     flops_train_per_token: int
+    # (what, text) lines about compressed storage: quantized, sparse and shared weights
+    storage: tuple[tuple[str, str], ...] = ()
 
 
 def _width(n: Node) -> int:
@@ -203,22 +206,17 @@ def _transient_per_token(ir: IR, rg: dict[str, bool]) -> int:
     return 4 * worst
 
 
-def _matrices(n: Node) -> list[ParamRecord]:
-    """The matrices a matmul op multiplies by (its bias adds O(out) per token, not counted)."""
-    return [p for p in n.params if len(p.shape) == 2]
-
-
 def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
     fwd = bwd = 0
     for n in ir.nodes():
         if n.op in ADAPTERS:
             f, b = kind_of(n).flops(ir, n, rg)
             fwd, bwd = fwd + f, bwd + b
-        elif n.op in MATMULS:
-            w = sum(p.numel for p in _matrices(n))
+        elif n.op is Op.LINEAR:  # a quantized weight multiplies as many elements as a dense one
+            w = n.attrs.in_features * n.attrs.out_features
             fwd += 2 * w
             bwd += 2 * w * rg[ir.inputs(n.id)[0]]  # the input gradient
-            bwd += 2 * sum(p.numel for p in _matrices(n) if p.trainable)  # the weight gradient
+            bwd += 2 * w * n.params[0].trainable  # the weight gradient
         elif n.op is Op.ATTENTION_CORE:
             d = n.attrs.heads * n.attrs.head_dim
             fwd += 4 * seq * d
@@ -234,7 +232,7 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     trainable = [p for p in stored if p.trainable]
     roles: dict[str, int] = {}
     for p in stored:
-        roles[p.role] = roles.get(p.role, 0) + p.numel
+        roles[p.role] = roles.get(p.role, 0) + p.elements
     weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in held)
     grads = sum(p.numel * DTYPE_BYTES[p.dtype] for p in trainable)
     opt = sum(p.numel for p in trainable) * 4 * OPTIMIZER_STATES[optimizer]
@@ -251,9 +249,38 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     fwd, train = _flops(ir, rg, seq)
     # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
     peak = weights + opt + max(grads + acts + transient, forward)
-    return Cost(batch, seq, sum(p.numel for p in stored), sum(p.numel for p in trainable),
+    return Cost(batch, seq, sum(p.elements for p in stored), sum(p.numel for p in trainable),
                 tuple(sorted(roles.items())), weights, grads, opt, acts, transient,
-                peak, fwd, train)
+                peak, fwd, train, _storage(ir))
+
+
+def _storage(ir: IR) -> tuple[tuple[str, str], ...]:
+    """What the compression edits did to storage: quantized weights (packed bytes against
+    fp32), sparse weights (their zeros, not a speed-up: the matmuls stay dense) and shared
+    layers (unique params against the unrolled model's)."""
+    out = []
+    quant: dict[str, list[int]] = {}  # storage -> [weights, packed bytes]
+    for p in _stored(ir):
+        if p.quantized:
+            q = quant.setdefault(p.storage, [0, 0])
+            q[0] += p.elements
+            q[1] += p.numel * DTYPE_BYTES[p.dtype]
+    for storage, (n, b) in sorted(quant.items()):
+        out.append((f"quantized {storage}", f"{n:,} weights in {_size(b)} (fp32 {_size(4 * n)}, {b / (4 * n):.3f}x)"))
+    sparse: dict[str, int] = {}
+    for p in _stored(ir):
+        if p.storage.startswith("sparse"):
+            sparse[p.storage] = sparse.get(p.storage, 0) + p.numel
+    for storage, n in sorted(sparse.items()):
+        out.append((storage, f"{n:,} weights (zeros stored dense: no speed-up)"))
+    loops = [p for p in ir.params() if p.storage == "shared" and p.role != "adapter"]
+    if loops:
+        unrolled = sum(p.elements for p in ir.params() if p.role != "adapter")
+        unique = sum(p.elements for p in _stored(ir) if p.role != "adapter")
+        layers = sorted({p.path.split(".", 1)[0] for p in loops})
+        out.append(("shared layers", f"{len(layers)} layers reuse earlier blocks: {unique:,} unique base params "
+                    f"of {unrolled:,} unrolled ({unique / unrolled:.3f}x)"))
+    return tuple(out)
 
 
 def _size(n: int) -> str:
@@ -272,5 +299,6 @@ def format_cost(c: Cost) -> str:
                           ("transient", c.transient_bytes), ("peak", c.peak_bytes))]
     rows += [("FLOPs/token forward", f"{c.flops_forward_per_token:,}"),
              ("FLOPs/token train step", f"{c.flops_train_per_token:,}")]
+    rows += list(c.storage)
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v:>18}" for k, v in rows) + "\n"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 import pkgutil
 from dataclasses import MISSING, asdict, dataclass, fields, replace
@@ -50,6 +51,7 @@ OUTPUTS = frozenset({Op.LOSS, Op.POOL})  # what a graph ends in
 # LINEAR; an adapter kind's cost hook counts its own (the low-rank kinds follow that rule).
 MATMULS = frozenset({Op.LINEAR}) | ADAPTERS
 
+QUANT_SCHEMES = ("int8", "int4", "nf4")
 ROLES = ("embedding", "attention", "mlp", "norm", "head", "adapter")
 BATCH, SEQ = "B", "T"
 Dim = Union[int, str]
@@ -62,7 +64,14 @@ class IRError(Exception):
 @dataclass(frozen=True)
 class ParamRecord:
     """One weight tensor. `tied_to` names the param whose storage this one reuses (a tied
-    head reads the embedding's weight): it is counted once and must have the same shape."""
+    head reads the embedding's weight, a layer of a recursive share its block's): it is
+    counted once and must have the same shape.
+
+    `storage` says how the tensor is held: "dense"; "generated" (made again from a seed,
+    never stored); "shared" (a recursive share's loop: tied to its block's param);
+    "sparse(50%)" or "sparse(2:4)" (a pruned dense weight whose zeros stay zero);
+    "int8", "int4(group=64)", "nf4(group=64)" (one tensor of a quantized weight's packed
+    form, frozen: see effc.kernels.quant)."""
 
     path: str
     shape: tuple[int, ...]
@@ -73,11 +82,45 @@ class ParamRecord:
     tied_to: str | None = None
 
     @property
+    def quantized(self) -> bool:
+        return self.storage.startswith(QUANT_SCHEMES)
+
+    @property
+    def elements(self) -> int:
+        """Weights this record holds, as a parameter count: a packed int4/nf4 byte holds
+        two, an int8 one; a quantized weight's scales and zero points hold none."""
+        if not self.quantized:
+            return self.numel
+        return {"qweight": self.numel * (1 if self.dtype == "int8" else 2)}.get(self.path.rsplit(".", 1)[-1], 0)
+
+    @property
     def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
         return n
+
+
+def packed_params(path: str, out: int, inp: int, scheme: str, group: int, double_quant: bool,
+                  role: str) -> tuple[ParamRecord, ...]:
+    """The records of a quantized (out, in) weight: the canonical packed form of
+    effc.kernels.quant, by scheme (`group` input columns per scale)."""
+    if scheme == "int8":
+        spec = [("qweight", (out, inp), "int8"), ("scale", (out,), "float32")]
+        storage = "int8"
+    else:
+        g = group
+        spec = [("qweight", (out, inp // 2), "uint8")]
+        if scheme == "int4":
+            spec += [("scale", (out, inp // g), "float32"), ("zero", (out, inp // g), "uint8")]
+        elif double_quant:
+            spec += [("absmax_q", (out, inp // g), "int8"), ("absmax_scale", (math.ceil(out * inp // g / 256),), "float32"),
+                     ("absmax_mean", (1,), "float32")]
+        else:
+            spec += [("absmax", (out, inp // g), "float32")]
+        storage = f"{scheme}(group={g})"
+    return tuple(ParamRecord(f"{path}.{leaf}", shape, role, dtype, trainable=False, storage=storage)
+                 for leaf, shape, dtype in spec)
 
 
 # ---------------------------------------------------------------- attribute records, one per op
@@ -107,6 +150,11 @@ class LinearAttrs:
     in_features: int
     out_features: int
     bias: bool = False
+    # weight-only quantization (effc.kernels.quant): "" (dense) | "int8" | "int4" | "nf4", with
+    # the input columns per scale (int4, nf4); the node's params are then the packed tensors
+    quant: str = ""
+    group: int = 0
+    double_quant: bool = False  # nf4: the block scales are themselves stored in 8 bits
 
 
 @dataclass(frozen=True)

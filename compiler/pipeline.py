@@ -24,8 +24,12 @@ from effc.lang.types import Bytes
 
 # The pass list, in order, each with its reason.
 PASSES = [
-    *APPLY,          # adapters declared so far become adapter nodes, one pass per kind; the base is frozen
-    "assign_roles",  # trainable flags: everything when no adapter exists
+    "share_layers",     # recursive shares first: later layers tie their params to their blocks'
+    *APPLY,             # adapters declared so far become adapter nodes, one pass per kind; the base is frozen
+    "share_adapters",   # a shared adapter on a looped layer is its block's adapter
+    "prune_weights",    # pruned weights keep their zeros (storage sparse)
+    "quantize_linear",  # quantized weights become their packed, frozen tensors
+    "assign_roles",     # trainable flags: everything when no adapter exists, never a quantized weight
 ]
 
 
@@ -51,10 +55,11 @@ def _before(a: Span, b: Span) -> bool:
 
 def model_ir(result: CheckResult, name: str, until: Span | None) -> tuple[IR, PassReport]:
     """Model `name` as it is just before `until` (None: after every stage): its IR
-    rewritten with the adapters declared before that point."""
+    rewritten with the adapters and edits (share, prune, quantize) declared before that point."""
     info = result.models[name]
     adapters = tuple(u for u in info.adapters if until is None or _before(u.span, until))
-    return run_passes(lower_model(info), PASSES, PassContext(adapters))
+    edits = tuple(e for e in info.edits if until is None or _before(e.span, until))
+    return run_passes(lower_model(info), PASSES, PassContext(adapters, edits))
 
 
 def snapshot_until(result: CheckResult, stage: str) -> Span | None:

@@ -30,6 +30,7 @@ from torch import nn
 
 from effc.compiler.adapters import adapters_of, kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, OUTPUTS, IRError, Node, Op, ParamRecord
+from effc.kernels import quant as Q
 from effc.kernels.attention import attention
 from effc.kernels.dropout import Dropout
 from effc.kernels.rmsnorm import rms_norm
@@ -149,6 +150,21 @@ def embedding_adapters(ir: IR, id: str, values: list) -> list:
     return sorted(pairs, key=lambda mv: kind_of(mv[0]).prefix(mv[0]) > 0)
 
 
+def _quantized_linear(g: fx.Graph, n: Node, x: fx.Node, weight) -> fx.Node:
+    """x @ dequant(W).T (+ bias) through the scheme's effc op (effc.kernels.quant); the
+    packed tensors are the node's params in packed_params' order, then the bias."""
+    a = n.attrs
+    k = sum(p.quantized for p in n.params)
+    packed = [weight(n, i) for i in range(k)]
+    bias = weight(n, k) if a.bias else None
+    if a.quant == "int8":
+        return g.call_function(torch.ops.effc.int8_linear, (x, *packed, bias))
+    if a.quant == "int4":
+        return g.call_function(torch.ops.effc.int4_linear, (x, *packed, a.group, bias))
+    absmax = g.call_function(Q.nf4_absmax, tuple(packed[1:])) if a.double_quant else packed[1]
+    return g.call_function(torch.ops.effc.nf4_linear, (x, packed[0], absmax, a.group, bias))
+
+
 def graph_output(ir: IR) -> str:
     """The default output of an IR's graph: "loss" for a language model, "embedding" for
     an encoder."""
@@ -185,6 +201,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
     if prefix and keep is not None:
         keep = g.call_function(prefix_keep, (keep, prefix))
     out: dict[str, fx.Node] = {}  # IR node id -> the fx node holding its output
+    names: dict[str, str] = {}  # IR node id -> that fx node's name (calibration reads outputs by it)
     tables: dict[tuple, tuple[fx.Node, fx.Node]] = {}
 
     def weight(n, i: int = 0) -> fx.Node:
@@ -225,7 +242,8 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             h = x[0]
             for m, v in zip(adapters, x[1:]):
                 h = kind_of(m).before(b, m, v, h)
-            y = g.call_function(F.linear, (h, weight(n)) + ((weight(n, 1),) if a.bias else ()))
+            y = _quantized_linear(g, n, h, weight) if a.quant else \
+                g.call_function(F.linear, (h, weight(n)) + ((weight(n, 1),) if a.bias else ()))
             for m, v in zip(adapters, x[1:]):
                 y = kind_of(m).after(b, m, v, y)
         elif n.op in ADAPTERS:
@@ -259,10 +277,13 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             raise IRError(f"to_fx: no lowering for op {n.op.value} (node '{n.id}')")
         y.name = re.sub(r"\W", "_", fx_name(n.id))  # fx keeps names unique by suffixing
         out[n.id] = y
+        names[n.id] = y.name
     ends = [n for n in ir.nodes() if n.op in OUTPUTS]
     if len(ends) != 1 or ir.outputs(ends[0].id):
         raise IRError(f"to_fx: the IR must end in exactly one loss or pool node, found {len(ends)}")
     if output == "loss":
         g.output(out[ends[0].id])
     g.lint()
-    return fx.GraphModule(root, g, class_name="EffcGraph")
+    gm = fx.GraphModule(root, g, class_name="EffcGraph")
+    gm.meta["ir_nodes"] = names
+    return gm

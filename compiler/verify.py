@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from effc.compiler.ir import ADAPTERS, IR, OUTPUTS, ROLES, IRError, Node, Op, attrs_type
+from effc.compiler.ir import ADAPTERS, IR, OUTPUTS, ROLES, IRError, Node, Op, attrs_type, packed_params
 
 
 def verify(ir: IR) -> None:
@@ -52,7 +52,9 @@ def _widths(n: Node) -> tuple[list[int], int | None, list[tuple[int, ...]]]:
         return [a.dim], a.dim, [(a.dim,), (a.dim,)]
     if n.op is Op.LINEAR:
         bias = [(a.out_features,)] if a.bias else []
-        return [a.in_features], a.out_features, [(a.out_features, a.in_features)] + bias
+        weight = [(a.out_features, a.in_features)] if not a.quant else [
+            p.shape for p in packed_params(n.id, a.out_features, a.in_features, a.quant, a.group, a.double_quant, "")]
+        return [a.in_features], a.out_features, weight + bias
     if n.op in (Op.GELU, Op.POOL):
         return [a.dim], a.dim, []
     if n.op is Op.ROTARY:

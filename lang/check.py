@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from effc.lang import ast, registry as R
+from effc.lang.compress import adapter_problem, edit_problem
 from effc.lang.diagnostics import Diagnostic, Span, error, has_errors, sort_diagnostics, warning
 from effc.lang.parser import MAX_DIGITS, parse
 from effc.lang.peft import PeftConfigError, module_name, peft_uses
@@ -75,6 +76,18 @@ class AdapterUse:
 
 
 @dataclass
+class EditUse:
+    """A `share`, `tie`, `prune` or `quantize` statement: a one-shot change of the model's
+    weights (and IR) at that point of the pipeline."""
+
+    verb: str
+    technique: str
+    paths: tuple[str, ...]  # the targets in selection order (share: the blocks, layers[i])
+    span: Span
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
 class ModelInfo:
     name: str
     family: str | None
@@ -82,7 +95,19 @@ class ModelInfo:
     tree: Module | None
     span: Span
     adapters: list[AdapterUse] = field(default_factory=list)
+    edits: list[EditUse] = field(default_factory=list)  # share/tie/prune/quantize, in declaration order
     arch: Arch | None = None  # what the compiler lowers (None when the tree came without one)
+    merge: "MergeInfo | None" = None  # a model made by merging snapshots (ties(...), ...)
+
+
+@dataclass
+class MergeInfo:
+    """`model soup = ties(a@s1, b@s2, base=a@s0, density=0.5)`: the merge, its operand
+    snapshots in order, and its other arguments (base among them)."""
+
+    technique: str
+    operands: list[Ref]
+    args: dict
 
 
 @dataclass
@@ -104,6 +129,7 @@ class Step:
     span: Span
     data: Ref | None = None
     path: str | None = None  # export: the folder, as written (relative to the .eff file)
+    edit: EditUse | None = None  # share/tie/prune/quantize: what the statement does
 
 
 @dataclass
@@ -290,10 +316,8 @@ class _Checker:
         if not isinstance(call, ast.Call):
             self.err("E0313", f"model '{name}' must be declared by a call, not {_describe(self.value(call))}",
                      call.span, "for example: model m = decoder(vocab=512, dim=256, layers=4, heads=4, ffn=704, seq=128)")
-        elif call.func.name in R.MERGES.planned or call.func.name in R.MERGES.entries:
-            for a in call.args:  # the snapshots are checked even while merges are unavailable
-                self.value(a.value if isinstance(a, ast.KwArg) else a)
-            self.call(call, R.MERGES)
+        elif call.func.name in R.MERGES.entries:
+            self.merge_decl(info, call)
         else:
             checked = self.call(call, R.FAMILIES, also=R.MERGES)
             if checked is not None:
@@ -305,6 +329,61 @@ class _Checker:
                 info.tree = self.catalog.tree(checked.name, checked.args)
         self.declare(name, "model", item.name.span)
         self.models[name] = info
+
+    def merge_decl(self, info: ModelInfo, call: ast.Call) -> None:
+        """A merge: positional operands (snapshots of congruent, dense models), keyword
+        arguments bound against the merge's entry. The merged model has the operands'
+        architecture and starts with no adapters or edits of its own."""
+        entry = R.MERGES.entries[call.func.name]
+        operands, ok = [], True
+        for a in [a for a in call.args if not isinstance(a, ast.KwArg)]:
+            v = self.coerce(self.value(a), ModelT(), a.span, a)
+            ok = ok and v is not BAD
+            operands.append((v, a.span))
+        args = self.bind(tuple(a for a in call.args if isinstance(a, ast.KwArg)), entry, call.func.span,
+                         "E0303", "E0304", f"{entry.name}(...)")
+        if not ok or args is None:
+            return
+        if len(operands) < entry.min_operands:
+            self.err("E0309", f"{entry.name} merges at least {entry.min_operands} snapshots, and "
+                     f"{len(operands)} {'is' if len(operands) == 1 else 'are'} given", call.span,
+                     f"for example {entry.name}(m@a, m@b" + (", base=m@pretrain" if entry.param("base") else "") + ")")
+            return
+        weights = args.get("weights")
+        if weights is not None and len(weights) != len(operands):
+            self.err("E0314", f"weights= has {len(weights)} values for {len(operands)} snapshots",
+                     self.arg_span(call, "weights"), "give one weight per snapshot, in order")
+            return
+        refs = [(r, sp) for r, sp in operands] + ([(args["base"], self.arg_span(call, "base"))] if args.get("base") else [])
+        first = self.models[refs[0][0].name]
+        for ref, span in refs:
+            problem = self.merge_operand_problem(first, ref)
+            if problem:
+                self.err("E0309", problem[0], span, problem[1])
+                return
+        info.family, info.args, info.arch, info.tree = first.family, first.args, first.arch, first.tree
+        info.merge = MergeInfo(entry.name, [r for r, _ in operands], args)
+
+    def merge_operand_problem(self, first: ModelInfo, ref: Ref) -> tuple[str, str] | None:
+        """Snapshots merge element by element: same architecture, dense and unshared weights
+        (the adapters they have are folded in first)."""
+        model = self.models[ref.name]
+        if ref.stage is None:
+            return (f"a merge combines snapshots, and '{ref.name}' names the live model",
+                    f"name the stage whose result to merge: {ref.name}@stage")
+        if model.merge is not None:
+            return (f"'{ref.name}' is itself a merge", "merge the snapshots it was made from in one merge")
+        if model.arch != first.arch or model.args.get("path") != first.args.get("path"):
+            return (f"'{ref.name}' and '{first.name}' are different models: a merge combines snapshots of one "
+                    "architecture element by element", "merge snapshots of one model (m@stage)")
+        end = self.snapshot_end(ref.stage) if ref.stage else None
+        edits = [e for e in model.edits if end is None or (e.span.line, e.span.col) < (end.line, end.col)]
+        bad = next((e for e in edits if e.verb in ("quantize", "share")), None)
+        if bad:
+            return (f"'{ref.name}@{ref.stage}' has {'quantized' if bad.verb == 'quantize' else 'shared'} weights "
+                    f"(line {bad.span.line}), and a merge averages dense, per-layer weights",
+                    "merge snapshots taken before that statement")
+        return None
 
     def data_decl(self, item: ast.DataDecl) -> None:
         name, call = item.name.name, item.value
@@ -355,6 +434,12 @@ class _Checker:
                     self.err("E0403", "metrics=[similarity] compares two models, but no against= is given",
                              stmt.span, "add against=MODEL or against=model@stage")
                     return None
+            if verb == "train" and model and opts is not None and opts.get("distill_from") is not None:
+                fits = self.teacher_fits(stmt, model, opts["distill_from"]) and fits
+            elif verb == "train" and opts is not None and "temperature" in {o.name.name for o in stmt.options}:
+                self.err("E0403", "temperature= sets the distillation temperature, and no distill_from= is given",
+                         self.option_span(stmt, "temperature"), "add distill_from=TEACHER, or drop temperature=")
+                fits = False
             if model and data and opts is not None and fits:
                 return Step(verb, _ref(stmt.model), opts, stmt.span,
                             Ref("data", data.name, split=stmt.data.split.name if stmt.data.split else None))
@@ -388,6 +473,8 @@ class _Checker:
                     "W0102", "merging the adapter on the tied head unties it from the embedding", stmt.span,
                     f"the export stores the head as its own {a.vocab} x {a.dim} matrix "
                     f"(+{a.vocab * a.dim:,} parameters); the embedding keeps its weights"))
+            if model and opts is not None and not self.compressed_export(stmt, model, opts):
+                return None
             if model and opts is not None and opts["format"] == "peft":
                 until = self.snapshot_end(stmt.model.stage.name) if stmt.model.stage else stmt.span
                 uses = [u for u in model.adapters
@@ -405,8 +492,69 @@ class _Checker:
                          f"it comes with {R.PLANNED_STATEMENTS['tie']}")
         else:
             verb = {ast.Adapt: "adapt", ast.Share: "share", ast.Prune: "prune", ast.Quantize: "quantize"}[type(stmt)]
-            self.technique(stmt, verb)
+            return self.technique(stmt, verb)
         return None
+
+    def teacher_fits(self, stmt: ast.Train, model: ModelInfo, ref: Ref) -> bool:
+        """A teacher predicts over the student's vocabulary: both are language models with
+        one vocab size (the teacher may be another model, or a snapshot of this one)."""
+        teacher = self.models.get(ref.name)
+        if teacher is None or teacher.arch is None or model.arch is None:
+            return True
+        if _is_encoder(model) or _is_encoder(teacher):
+            self.err("E0410", "distillation matches next-token distributions, and "
+                     f"'{model.name if _is_encoder(model) else teacher.name}' is a sentence encoder",
+                     self.option_span(stmt, "distill_from"), "distill language models into language models")
+            return False
+        if teacher.arch.vocab != model.arch.vocab:
+            self.err("E0410", f"teacher '{ref.name}' predicts over {teacher.arch.vocab} tokens and '{model.name}' "
+                     f"over {model.arch.vocab}: their distributions cannot be compared",
+                     self.option_span(stmt, "distill_from"), "distill from a model with the same tokenizer and vocab")
+            return False
+        return True
+
+    def compressed_export(self, stmt: ast.Export, model: ModelInfo, opts: dict) -> bool:
+        """What an export does with compressed storage: format=effc keeps packed, sparse and
+        shared tensors as they are (it cannot fold an adapter into a packed weight);
+        format=hf holds dense, unshared tensors, so it dequantizes and unrolls (W0103)."""
+        until = self.snapshot_end(stmt.model.stage.name) if stmt.model.stage else stmt.span
+        before = lambda u: until is None or (u.span.line, u.span.col) < (until.line, until.col)  # noqa: E731
+        edits = [e for e in model.edits if before(e)]
+        quantized = {p for e in edits if e.verb == "quantize" for p in e.paths}
+        on_packed = [u for u in model.adapters if before(u) and u.paths & quantized]
+        if opts["format"] == "effc" and opts["merge_adapters"] and on_packed:
+            self.err("E0406", f"merge_adapters=true folds the adapter of line {on_packed[0].span.line} into its weight, "
+                     "and that weight is quantized: format=effc keeps it packed", stmt.span,
+                     "merge_adapters=false keeps the adapters apart over the packed weights; format=hf writes "
+                     "dequantized weights with the adapters merged")
+            return False
+        if opts["format"] == "compressed_tensors":
+            schemes = {e.technique: e for e in edits if e.verb == "quantize"}
+            problem = None
+            if not {"int8", "int4"} & set(schemes):
+                problem = ("format=compressed_tensors holds int8 and int4 quantized weights, and "
+                           f"'{model.name}' has none at this point", "quantize before exporting, or use format=hf")
+            elif "nf4" in schemes:
+                problem = (f"the nf4 weights of line {schemes['nf4'].span.line} have no compressed-tensors format",
+                           "quantize them with int4(...) for this format, or export with format=effc")
+            elif on_packed:
+                problem = (f"the adapter of line {on_packed[0].span.line} sits on a quantized weight, and "
+                           "compressed-tensors holds the quantized weight alone",
+                           "export the adapters apart with format=peft, or keep them with format=effc")
+            elif any(before(u) for u in model.adapters) and not opts["merge_adapters"]:
+                problem = (f"format=compressed_tensors writes a plain transformers model, and '{model.name}' has "
+                           "adapters", "add merge_adapters=true to fold them into the dense weights")
+            if problem:
+                self.err("E0406", problem[0], stmt.span, problem[1])
+                return False
+        if opts["format"] == "hf" and any(e.verb in ("quantize", "share") for e in edits):
+            what = [w for v, w in (("quantize", "dequantizes the quantized weights to fp32"),
+                                   ("share", "writes every loop of a shared block as its own layer"))
+                    if any(e.verb == v for e in edits)]
+            self.diags.append(warning("W0103", f"format=hf holds dense, unshared weights: the export {' and '.join(what)}",
+                                      stmt.span, "format=effc keeps the compressed storage, and "
+                                      "format=compressed_tensors keeps int8 and int4 weights quantized"))
+        return True
 
     def encoder_rules(self, verb: str, stmt: ast.Train | ast.Eval, model: ModelInfo, data: DataInfo | None,
                       opts: dict | None) -> bool:
@@ -485,20 +633,54 @@ class _Checker:
                       if not isinstance(a, ast.KwArg) or a.name.name == "path"), None)
         return first.value if isinstance(first, ast.Str) else None
 
-    def technique(self, stmt, verb: str) -> None:
+    def technique(self, stmt, verb: str) -> Step | None:
         selected = self.selector(stmt.target)
         checked = self.call(stmt.technique, R.TECHNIQUES[verb])
         if selected is None or checked is None:
-            return
+            return None
         entry = R.TECHNIQUES[verb].entries[checked.name]
         targets = self.targets(selected, entry, stmt.target)
         if not targets:
-            return
+            return None
         problems = entry.target_constraints(checked.args, targets) if entry.target_constraints else []
         for p in problems:
             self.err("E0309", p.message, self.arg_span(stmt.technique, p.arg), p.hint)
-        if verb == "adapt" and not problems:
+        if problems:
+            return None
+        if verb == "adapt":
             self.adapter(stmt, checked, targets)
+            return None
+        return self.edit(stmt, verb, checked, targets)
+
+    def edit(self, stmt, verb: str, checked: CallValue, targets: list[Selected]) -> Step | None:
+        """A one-shot change (share, prune, quantize): its order against the model's other
+        edits and adapters (lang.compress), then the Step the runtime executes."""
+        model = self.models.get(stmt.target.model.name)
+        if model is None:
+            return None
+        if not self.calibration_fits(stmt, model, checked.args):
+            return None
+        use = EditUse(verb, checked.name, tuple(t.path for t in targets), stmt.span, checked.args)
+        problem = edit_problem(model, use)
+        if problem:
+            self.err("E0210", problem[0], stmt.target.span, problem[1])
+            return None
+        model.edits.append(use)
+        return Step(verb, Ref("model", model.name), checked.args, stmt.span, edit=use)
+
+    def calibration_fits(self, stmt, model: ModelInfo, args: dict) -> bool:
+        """calibrate=DATA feeds the model: its token ids must fit the vocabulary (E0405)."""
+        ref = args.get("calibrate")
+        data = self.data.get(ref.name) if isinstance(ref, Ref) else None
+        if model and data and isinstance(model.args.get("vocab"), int) and data.source:
+            dv = R.data_vocab(data.source, data.args)
+            if isinstance(dv, int) and dv > model.args["vocab"]:
+                self.err("E0405", f"calibration data '{data.name}' produces {dv} token ids but model "
+                         f"'{model.name}' has vocab={model.args['vocab']}", self.arg_span(stmt.technique, "calibrate"),
+                         "calibrate on data tokenized for this model"
+                         + (" (byte-level text uses 256 ids)" if dv == R.BYTE_VOCAB else ""))
+                return False
+        return True
 
     def targets(self, selected: list[Selected], entry: Entry, sel: ast.Selector) -> list[Selected]:
         """The modules a technique acts on: selected modules of its kinds, and the modules
@@ -523,22 +705,19 @@ class _Checker:
         model = self.models.get(stmt.target.model.name)
         if checked.name == "peft":
             return self.peft_adapter(stmt, model, checked.args["path"], targets)
-        ref = checked.args.get("calibrate")
-        data = self.data.get(ref.name) if isinstance(ref, Ref) else None
-        if model and data and isinstance(model.args.get("vocab"), int) and data.source:
-            dv = R.data_vocab(data.source, data.args)
-            if isinstance(dv, int) and dv > model.args["vocab"]:
-                self.err("E0405", f"calibration data '{data.name}' produces {dv} token ids but model "
-                         f"'{model.name}' has vocab={model.args['vocab']}", self.arg_span(stmt.technique, "calibrate"),
-                         "calibrate on data tokenized for this model"
-                         + (" (byte-level text uses 256 ids)" if dv == R.BYTE_VOCAB else ""))
-                return
+        if not self.calibration_fits(stmt, model, checked.args):
+            return
         if checked.args.get("init") == "pissa" and model.arch and model.arch.tied and any(t.path == "head" for t in targets):
             self.err("E0309", "init=pissa rewrites the weight it adapts into its residual, and the tied head shares "
                      "its weight with the embedding", self.arg_span(stmt.technique, "init"),
                      "adapt the head with another init, or leave it out of the selection")
             return
         scope = "per_loop" if checked.args.get("per_loop") else "shared"
+        paths = frozenset(t.path for t in targets)
+        problem = adapter_problem(model, checked.name, scope, paths)
+        if problem:
+            self.err("E0210", problem[0], stmt.target.span, problem[1])
+            return
         self.add_adapter(stmt, model, checked.name, scope, frozenset(t.path for t in targets), checked.args)
 
     def add_adapter(self, stmt: ast.Adapt, model: ModelInfo, technique: str, scope: str, paths: frozenset[str],

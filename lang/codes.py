@@ -42,6 +42,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0208": ("kind filter matches nothing", "The ':kind' filter removed every selected module."),
     "E0209": ("adapter must be alone on its weight", "DoRA and IA3 rescale the weight they adapt, and PaCA trains some of its columns in place, so they do not compose with other adapters on the same weight: a weight with a dora, ia3 or paca adapter has no other adapter."),
     # calls, arguments and options
+    "E0210": ("compression out of order", "A model changes in declaration order. Sharing replaces whole layers, so it comes before adapting, pruning or quantizing them; pruning comes before quantization, which freezes a weight's values and stores it packed; a weight is quantized once; DoRA, PaCA and SVFit read or rewrite the dense weight, so they cannot sit on a quantized one (PaCA and SVFit not on a pruned one either); per_loop adapters need layers that share a block; a tied head is neither pruned nor quantized."),
     "E0301": ("unknown name in registry", "No model family, data source, technique, optimizer, schedule or merge of that name exists. The hint lists the available ones."),
     "E0302": ("not available in this version", "The name or option is part of the settled language but its implementation has not landed in this version of effc. It is refused rather than ignored."),
     "E0303": ("unknown argument", "The call has no parameter of that name. The hint lists its parameters."),
@@ -73,6 +74,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0406": ("export format cannot hold the model", "The export format has no place for something the model has: format=hf holds a plain transformers model, so adapters must be merged (merge_adapters=true) or exported on their own."),
     # warnings
     "W0101": ("unused declaration", "A param, model or data declaration is never used."),
+    "W0103": ("export undoes compression", "format=hf holds a plain transformers model: quantized weights are written dequantized to fp32 and the loops of shared blocks as separate layers, so the folder is as large as the uncompressed model. format=effc keeps the compressed storage."),
     "W0102": ("merge changes the model's storage", "Folding adapters into the base weights changes more than their values: an adapter on a tied head gives the head its own matrix, so the export stores it separately from the embedding."),
     # internal
     "E9001": ("internal error", "effc itself failed. Please report it with the file that caused it."),

@@ -186,8 +186,32 @@ SCHEDULES = Registry("schedule", {
                     paper="Loshchilov & Hutter 2017, SGDR (arXiv:1608.03983)"),
 })
 
-MERGES = Registry("merge", {}, planned={
-    "linear": _COMPRESS, "task_arithmetic": _COMPRESS, "ties": _COMPRESS, "dare": _COMPRESS,
+_WEIGHTS = Param("weights", ListT(FloatT()), None, "one weight per snapshot (default: all 1)")
+_BASE = Param("base", ModelT(), doc="the snapshot the task vectors are measured from (theta_i - base)")
+_SCALE = Param("scale", FloatT(), 1.0, "multiplies the merged task vector")
+MERGES = Registry("merge", {
+    "linear": Entry("linear", (
+        _WEIGHTS, Param("normalize", BoolT(), True, "divide by the sum of the weights"),
+    ), "The weighted mean of the snapshots' weights (a model soup): sum_i w_i theta_i / sum_i w_i.",
+        paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)", min_operands=2),
+    "task_arithmetic": Entry("task_arithmetic", (_BASE, _SCALE, _WEIGHTS), (
+        "Adds the snapshots' task vectors to the base: base + scale * sum_i w_i (theta_i - base)."),
+        paper="Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)"),
+    "ties": Entry("ties", (
+        _BASE,
+        Param("density", FloatT(min=0, max=1, min_open=True), 0.2, "fraction of each task vector kept (largest |delta|)"),
+        _SCALE, _WEIGHTS,
+    ), "TIES-Merging: trim each task vector to its largest entries, elect each entry's sign by total mass, "
+       "and average the entries that agree with it.",
+        paper="Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"),
+    "dare": Entry("dare", (
+        _BASE,
+        Param("drop", FloatT(min=0, max=1, max_open=True), 0.9, "probability of dropping each task-vector entry"),
+        Param("rescale", BoolT(), True, "divide the kept entries by 1 - drop, so the expectation is unchanged"),
+        Param("seed", IntT(min=0), 0, "seed of the random drop"),
+        _WEIGHTS,
+    ), "DARE: drop task-vector entries at random and rescale the rest, then add them to the base.",
+        paper="Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"),
 })
 
 # ---------------------------------------------------------------- techniques per statement
@@ -326,8 +350,8 @@ ADAPTERS = Registry("adapter", {
               "singular part (scaled by r/alpha) and the frozen weight keeps the rest (Meng et al. 2024, PiSSA, "
               "arXiv:2404.02948)"),
         _RSLORA,
-        Param("per_loop", BoolT(), False, "one adapter per recursion loop (Relaxed Recursive Transformers)",
-              available=False),
+        Param("per_loop", BoolT(), False, "one adapter per layer of a shared block, initialised from the truncated "
+              "SVD of the difference between the original layer and its block (Relaxed Recursive Transformers)"),
     ), "Low-rank adaptation: a frozen weight W plus a trained low-rank update (alpha/r)·B·A.",
         paper="Hu et al. 2021, LoRA (arXiv:2106.09685)", targets=("linear",),
         target_constraints=_lora_targets),
@@ -427,11 +451,130 @@ ADAPTERS = Registry("adapter", {
         targets=("model",)),
 })
 
-SHARING = Registry("sharing technique", {}, planned={"recursive": _COMPRESS})
-PRUNERS = Registry("pruning method", {}, planned={
-    n: _COMPRESS for n in ("magnitude", "nm", "wanda", "heads", "channels", "drop_sublayers")})
-QUANTIZERS = Registry("quantization scheme", {}, planned={
-    n: _COMPRESS for n in ("int8", "int4", "nf4", "qat")})
+def _recursive_targets(a: dict, targets: list) -> list[Problem]:
+    blocks, n = a.get("blocks"), len(targets)
+    if isinstance(blocks, int) and n % blocks:
+        return [Problem("blocks", f"blocks={blocks} does not divide the {n} selected layers: layer i uses block "
+                        "i mod blocks, so every block must loop the same number of times",
+                        f"choose blocks among the divisors of {n}: {', '.join(str(d) for d in range(1, n + 1) if n % d == 0)}")]
+    return []
+
+
+SHARING = Registry("sharing technique", {
+    "recursive": Entry("recursive", (
+        Param("blocks", IntT(min=1), doc="shared blocks K: the N selected layers become K blocks looped N/K times, "
+              "layer i using block i mod K"),
+        Param("init", EnumT(("average", "stepwise", "lower")), "average",
+              "what each block starts from: the mean of the layers that use it, every (N/K)-th layer, or the "
+              "first K layers"),
+    ), "Relaxed Recursive Transformers: consecutive layers share K blocks applied in a cycle; add "
+       "lora(..., per_loop=true) to give each layer its own low-rank correction.",
+        paper="Bae et al. 2024, Relaxed Recursive Transformers (arXiv:2410.20672)", targets=("block",),
+        target_constraints=_recursive_targets),
+})
+
+
+def _columns_divisible(arg: str, what: str):
+    def check(a: dict, targets: list) -> list[Problem]:
+        k = a.get(arg)
+        if not isinstance(k, int):
+            return []
+        bad = [t for t in targets if t.module.shape and t.module.shape[0] % k]
+        if bad:
+            return [Problem(arg, f"{arg}={k} does not divide the input width {bad[0].module.shape[0]} of "
+                            f"'{bad[0].path}': {what}",
+                            f"choose an {arg} that divides every selected layer's input width")]
+        return []
+    return check
+
+
+def _nm_constraints(a: dict) -> list[Problem]:
+    n, m = a.get("n"), a.get("m")
+    if isinstance(n, int) and isinstance(m, int) and n >= m:
+        return [Problem("n", f"n={n} keeps every weight of a group of m={m}", "n must be below m, as in n=2, m=4")]
+    return []
+
+
+def _wanda_constraints(a: dict) -> list[Problem]:
+    s, n, m = a.get("sparsity"), a.get("n"), a.get("m")
+    if (s is None) == (n is None):
+        return [Problem("sparsity", "give either sparsity= (unstructured) or n= and m= (N:M), not both"
+                        if s is not None else "wanda needs sparsity= or n= with m=",
+                        "for example wanda(sparsity=0.5, calibrate=DATA) or wanda(n=2, m=4, calibrate=DATA)")]
+    if (n is None) != (m is None):
+        return [Problem("m" if m is None else "n", "n= and m= go together: keep n of every m weights",
+                        "for example wanda(n=2, m=4, calibrate=DATA)")]
+    return _nm_constraints(a)
+
+
+def _wanda_targets(a: dict, targets: list) -> list[Problem]:
+    return _columns_divisible("m", "N:M groups run along it")(a, targets) if a.get("m") else []
+
+
+_SPARSITY = Param("sparsity", FloatT(min=0, max=1, max_open=True), doc="fraction of the weights set to zero")
+_CALIBRATE = Param("calibrate", DataT(), doc="data whose activations score the weights (its train split, or the "
+                   "split named)")
+_SAMPLES = Param("samples", IntT(min=1), 64, "calibration sequences read")
+
+PRUNERS = Registry("pruning method", {
+    "magnitude": Entry("magnitude", (
+        _SPARSITY,
+        Param("scope", EnumT(("tensor", "global")), "tensor",
+              "rank weights within each tensor, or across all selected tensors together"),
+    ), "Unstructured magnitude pruning: the smallest-|w| weights become zero and stay zero through later "
+       "training.", paper="Han et al. 2015, Learning both Weights and Connections (arXiv:1506.02626)",
+        targets=("linear",)),
+    "nm": Entry("nm", (
+        Param("n", IntT(min=1), 2, "weights kept per group"),
+        Param("m", IntT(min=2), 4, "consecutive input weights per group"),
+    ), "N:M semi-structured sparsity by magnitude: n of every m consecutive input weights are kept.",
+        paper="Mishra et al. 2021, Accelerating Sparse Deep Neural Networks (arXiv:2104.08378)",
+        targets=("linear",), constraints=_nm_constraints,
+        target_constraints=_columns_divisible("m", "N:M groups run along it")),
+    "wanda": Entry("wanda", (
+        Param("sparsity", FloatT(min=0, max=1, max_open=True), None,
+              "fraction of each output row's weights set to zero"),
+        Param("n", IntT(min=1), None, "N:M instead: weights kept per group"),
+        Param("m", IntT(min=2), None, "N:M instead: consecutive input weights per group"),
+        _CALIBRATE, _SAMPLES,
+    ), "Wanda: weights scored by |w| times the L2 norm of their input over calibration data, pruned per "
+       "output row (or per N:M group); no retraining.",
+        paper="Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (arXiv:2306.11695)",
+        targets=("linear",), constraints=_wanda_constraints, target_constraints=_wanda_targets),
+}, planned={n: _COMPRESS for n in ("heads", "channels", "drop_sublayers")})
+
+
+def _int4_constraints(a: dict) -> list[Problem]:
+    if a.get("method") == "gptq" and a.get("calibrate") is None:
+        return [Problem("calibrate", "method=gptq needs calibrate=DATA: its layer inputs weigh the rounding errors",
+                        "add calibrate= naming a data declaration, or use method=rtn")]
+    if a.get("method") == "rtn" and a.get("calibrate") is not None:
+        return [Problem("calibrate", "method=rtn reads no data", "drop calibrate=, or use method=gptq")]
+    return []
+
+
+_GROUP = Param("group", IntT(min=32, max=256), 64, "input columns that share one scale")
+QUANTIZERS = Registry("quantization scheme", {
+    "int8": Entry("int8", (), "Weight-only int8, one symmetric scale per output channel, round-to-nearest; "
+                  "the weights are frozen and run through a dequantize-and-multiply op.",
+                  paper="Dettmers et al. 2022, LLM.int8() (arXiv:2208.07339)", targets=("linear",)),
+    "int4": Entry("int4", (
+        _GROUP,
+        Param("method", EnumT(("rtn", "gptq")), "rtn", "round to nearest, or GPTQ's error-compensating rounding"),
+        Param("calibrate", DataT(), None, "GPTQ: data whose layer inputs weigh the rounding errors"),
+        _SAMPLES,
+    ), "Weight-only int4 in groups, asymmetric (a scale and an integer zero point per group), packed two "
+       "weights per byte; frozen.", paper="Frantar et al. 2022, GPTQ (arXiv:2210.17323)", targets=("linear",),
+        constraints=_int4_constraints, target_constraints=_columns_divisible("group", "each group of input "
+                                                                              "columns shares a scale")),
+    "nf4": Entry("nf4", (
+        _GROUP,
+        Param("double_quant", BoolT(), True, "store the block scales in 8 bits (QLoRA's double quantization)"),
+    ), "NormalFloat4: 4-bit codes from the quantiles of a normal distribution, one absmax scale per block; "
+       "frozen, the base of QLoRA.", paper="Dettmers et al. 2023, QLoRA (arXiv:2305.14314)",
+        targets=("linear",), target_constraints=_columns_divisible("group", "each block of input columns "
+                                                                    "shares a scale")),
+}, planned={"qat": _COMPRESS})
 
 # The registry each technique statement draws from.
 TECHNIQUES: dict[str, Registry] = {
@@ -446,7 +589,7 @@ PLANNED_STATEMENTS: dict[str, str] = {"tie": _COMPRESS}
 # ---------------------------------------------------------------- statement options
 
 METRICS = EnumT(("loss", "perplexity", "similarity"))
-EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"), unavailable=("compressed_tensors",))
+EXPORT_FORMATS = EnumT(("effc", "hf", "peft", "compressed_tensors"))
 
 STATEMENTS: dict[str, Entry] = {
     "train": Entry("train", (
@@ -460,10 +603,10 @@ STATEMENTS: dict[str, Entry] = {
         Param("seed", IntT(min=0), 0, "seed for initialisation, data order and dropout"),
         Param("checkpoint_every", IntT(min=1), None, "write a resumable checkpoint every N steps"),
         Param("eval_every", IntT(min=1), None, "evaluate on the validation split every N steps"),
-        Param("distill_from", ModelT(), None, "teacher model or snapshot for distillation",
-              available=False),
-        Param("temperature", FloatT(min=0, min_open=True), 1.0, "distillation temperature",
-              available=False),
+        Param("distill_from", ModelT(), None, "teacher model or snapshot: train on the KL divergence from its "
+              "next-token distributions instead of the data's tokens (Hinton et al. 2015)"),
+        Param("temperature", FloatT(min=0, min_open=True), 1.0, "distillation temperature (the loss is scaled by "
+              "its square)"),
     ), "Train the model's trainable parameters on the data."),
     "eval": Entry("eval", (
         Param("metrics", ListT(METRICS), ["loss"], "what to measure"),

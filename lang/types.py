@@ -195,6 +195,8 @@ class Entry:
     constraints: Callable[[dict], list[Problem]] | None = field(default=None, compare=False)
     # (args, targets) -> problems: constraints against the selected modules' shapes
     target_constraints: Callable[[dict, list], list[Problem]] | None = field(default=None, compare=False)
+    # merges: how many snapshots they take at least (given positionally)
+    min_operands: int = 1
     # model families: (checked args) -> args derived from elsewhere (a checkpoint's config)
     derive: Callable[[dict], dict] | None = field(default=None, compare=False)
 

@@ -19,11 +19,13 @@ from pathlib import Path
 
 from effc import __version__
 from effc.compiler.adapters import adapter_index
-from effc.compiler.ir import ADAPTERS, IR
+from effc.compiler.ir import ADAPTERS, IR, Op
 from effc.lang.check import ModelInfo
 from effc.runtime.checkpoint import atomic_write_json, write_tensors
-from effc.runtime.hf import CheckpointReader, HFError, decoder_config, write_hf
-from effc.runtime.model import State, merged_state
+from effc.runtime import compressed_tensors as CT
+from effc.runtime.hf import CheckpointReader, HFError, copy_tokenizer, decoder_config, hf_state, write_hf
+from effc.lang.hf import source as hf_source
+from effc.runtime.model import State, dense_ir, dense_state, merged_state
 
 
 class ExportError(Exception):
@@ -36,6 +38,14 @@ def adapter_records(ir: IR) -> list[dict]:
     """One record per adapter node: its node id, technique and attrs (target included)."""
     return [{"node": n.id, "technique": n.op.value, **dataclasses.asdict(n.attrs)}
             for n in ir.nodes() if n.op in ADAPTERS]
+
+
+def _note_dropped(adapters: list[dict], dropped: dict[str, float]) -> None:
+    """Each adapter merged into a pruned weight records the fraction of its update's norm
+    that the weight's mask removed (the merge keeps the zeros)."""
+    for a in adapters:
+        if f"{a['target']}.weight" in dropped:
+            a["masked_norm"] = dropped[f"{a['target']}.weight"]
 
 
 def adapter_uses(info: ModelInfo, ir: IR) -> list[dict]:
@@ -68,7 +78,10 @@ def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool
     adapters = adapter_records(ir)
     adapter_keys = adapter_paths(ir)
     if merge:
-        merged = merged_state(ir, state)
+        dropped: dict[str, float] = {}
+        # shared blocks are unrolled first: a per-loop adapter gives each loop its own weight
+        merged = merged_state(dense_ir(ir), dense_state(ir, state), dropped)
+        _note_dropped(adapters, dropped)
         write_tensors(folder / "model.safetensors", merged)
     else:
         write_tensors(folder / "model.safetensors", {k: v for k, v in state.items() if k not in adapter_keys})
@@ -91,7 +104,9 @@ def export_hf(folder: Path, ir: IR, state: State, info: ModelInfo, source: Check
     tie_word_embeddings updated) and tensors effc does not use (BERT's pooler) are copied
     through; the built-in decoder is written as a LlamaForCausalLM."""
     adapters = adapter_records(ir)
-    merged = merged_state(ir, state)
+    dropped: dict[str, float] = {}
+    merged = merged_state(dense_ir(ir), dense_state(ir, state), dropped)  # packed and shared tensors undone first
+    _note_dropped(adapters, dropped)
     arch = info.arch
     # A merged update on a tied head gives the head its own tensor: the export unties it.
     arch = dataclasses.replace(arch, tied=arch.tied and "head.weight" not in merged)
@@ -104,4 +119,43 @@ def export_hf(folder: Path, ir: IR, state: State, info: ModelInfo, source: Check
         write_hf(folder, family, config, merged, arch, source_folder, extra)
     except HFError as e:
         raise ExportError(e.message, e.hint) from None
+    return adapters
+
+
+def export_compressed_tensors(folder: Path, ir: IR, state: State, info: ModelInfo,
+                              source: CheckpointReader | None) -> list[dict]:
+    """A transformers folder whose int8 and int4 linears stay quantized, in the
+    compressed-tensors format (`effc.runtime.compressed_tensors`); everything else as
+    format=hf writes it (adapters merged, shared blocks unrolled). The checker has refused
+    NF4 weights and adapters on quantized weights, which the format cannot hold."""
+    adapters = adapter_records(ir)
+    merged = merged_state(dense_ir(ir), dense_state(ir, state))
+    arch = dataclasses.replace(info.arch, tied=info.arch.tied and "head.weight" not in merged)
+    if info.family == "hf":
+        family, config = info.args["hf_family"], source.model.config
+        source_folder, extra = source.model.folder, source.extra()
+    else:
+        family, config, source_folder, extra = "llama", decoder_config(arch), None, {}
+    quantized = {}
+    for n in ir.nodes():
+        if n.op is not Op.LINEAR or not n.attrs.quant:
+            continue
+        where = hf_source(family, f"{n.id}.weight")
+        if where.parts > 1 or where.transposed:
+            raise ExportError(f"'{n.id}' is stored fused or transposed in {family} checkpoints, which "
+                              "compressed-tensors cannot hold quantized", "export with format=hf or format=effc")
+        w = n.params[0]
+        owner = (w.tied_to or w.path).rsplit(".", 1)[0]  # a loop of a shared block: its block's tensors
+        quantized[where.name.removesuffix(".weight")] = CT.Quantized.from_state(state, owner, n.attrs.quant,
+                                                                              n.attrs.group or None)
+        del merged[f"{n.id}.weight"]
+    try:
+        tensors, qconfig = CT.convert({**hf_state(family, merged, arch), **extra}, quantized)
+        cfg = {**config, "tie_word_embeddings": arch.tied, "torch_dtype": "float32"}
+        cfg.pop("dtype", None)
+        CT.write_folder(folder, tensors, cfg, qconfig)
+    except CT.CompressedTensorsError as e:
+        raise ExportError(e.message, e.hint) from None
+    if source_folder:
+        copy_tokenizer(source_folder, folder)
     return adapters

@@ -247,11 +247,18 @@ def write_hf(folder: Path, family: str, config: dict, state: Mapping[str, torch.
     atomic_write_json(folder / "config.json", cfg)
     written = ["config.json"] + _write_shards(folder, tensors, max_shard_bytes)
     if source_folder:
-        for name in TOKENIZER_FILES:
-            src = os.path.join(source_folder, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, folder / name)
-                written.append(name)
+        written += copy_tokenizer(source_folder, folder)
+    return written
+
+
+def copy_tokenizer(source_folder: str, folder: Path) -> list[str]:
+    """The source checkpoint's tokenizer files, copied into an export; returns their names."""
+    written = []
+    for name in TOKENIZER_FILES:
+        src = os.path.join(source_folder, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, folder / name)
+            written.append(name)
     return written
 
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from effc.compiler.adapters import kind_of
-from effc.compiler.ir import ADAPTERS, IR, NORMS, Op, ParamRecord
+from effc.compiler.ir import ADAPTERS, IR, NORMS, Op, ParamRecord, packed_params
 from effc.compiler.to_fx import fx_name, to_fx
+from effc.kernels import quant as Q
 
 State = dict[str, torch.Tensor]
 
@@ -107,12 +109,15 @@ def trainable(gm: fx.GraphModule, ir: IR) -> list[tuple[str, torch.nn.Parameter]
             if p.tied_to is None and p.trainable]
 
 
-def merged_state(ir: IR, state: State) -> State:
+def merged_state(ir: IR, state: State, dropped: dict[str, float] | None = None) -> State:
     """Adapters folded into their base weights in declaration order (LoRA: W + (alpha/rank)
     B A; each kind's `merge`); the result has the base model's params only. Raises
     CannotMerge for a kind whose update has no exact fold. A weight the merge leaves as
-    it was (the same object) keeps its place, so a tied one stays tied."""
+    it was (the same object) keeps its place, so a tied one stays tied. A pruned weight
+    (storage sparse) keeps its zeros: the merged update is masked, and `dropped` gets the
+    fraction of the update's norm the mask removed, per weight."""
     out = {k: v.clone() for k, v in state.items()}
+    masks = {p.path: out[p.path] != 0 for p in ir.params() if p.storage.startswith("sparse") and p.path in out}
     adapter = [n for n in ir.nodes() if n.op in ADAPTERS]
     held = {p.path: out[p.path] for n in adapter for p in n.params if p.path in out}
     for n in adapter:
@@ -125,10 +130,56 @@ def merged_state(ir: IR, state: State) -> State:
             w = out[w_rec.tied_to]
         bias = out.get(b_rec.path) if b_rec else None
         merged, bias = kind_of(n).merge(n, params, w, bias)
+        if merged is not w and w_rec.path in masks:
+            update = (merged - w).double()
+            kept = update * masks[w_rec.path]
+            if dropped is not None:
+                total = float(update.norm())
+                dropped[w_rec.path] = float((update - kept).norm()) / total if total else 0.0
+            merged = w + kept.to(w.dtype)
         if merged is not w:
             out[w_rec.path] = merged
         if b_rec:
             out[b_rec.path] = bias
     for path in held:
         del out[path]
+    return out
+
+
+def dense_ir(ir: IR) -> IR:
+    """The IR with every compressed storage undone: quantized linears hold a dense fp32
+    weight again and the loops of shared blocks (and their shared adapters) their own
+    params, so a format without packed or shared tensors (hf) can hold the model."""
+    updated = []
+    for n in ir.nodes():
+        params = n.params
+        if n.op is Op.LINEAR and n.attrs.quant:
+            a = n.attrs
+            role = n.params[0].role
+            params = (ParamRecord(f"{n.id}.weight", (a.out_features, a.in_features), role, trainable=False),) + \
+                n.params[len(packed_params(n.id, a.out_features, a.in_features, a.quant, a.group, a.double_quant, role)):]
+            n = replace(n, attrs=replace(a, quant="", group=0, double_quant=False))
+        params = tuple(replace(p, tied_to=None, storage="dense") if p.storage == "shared" else p for p in params)
+        updated.append(replace(n, params=params))
+    return ir.with_nodes(updated)
+
+
+def dense_state(ir: IR, state: State) -> State:
+    """`state` (of `ir`) for `dense_ir(ir)`: packed weights dequantized to fp32, and every
+    loop of a shared block given a copy of its block's tensors."""
+    out = dict(state)
+    for n in ir.nodes():
+        if n.op is Op.LINEAR and n.attrs.quant:
+            w = n.params[0]
+            owner = (w.tied_to or w.path).rsplit(".", 1)[0]
+            packed = {p.path.rsplit(".", 1)[-1]: state[f"{owner}.{p.path.rsplit('.', 1)[-1]}"]
+                      for p in n.params if p.quantized}
+            out[f"{n.id}.weight"] = Q.dequantize(n.attrs.quant, packed, n.attrs.group)
+        for p in n.params:
+            if p.storage == "shared" and not p.quantized:
+                out[p.path] = state[p.tied_to].clone()
+    for n in ir.nodes():  # the packed tensors are gone once every user is dequantized
+        for p in n.params:
+            if p.quantized:
+                out.pop(p.path, None)
     return out

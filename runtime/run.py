@@ -49,10 +49,13 @@ from effc.runtime import data as D
 from effc.runtime.checkpoint import (
     CheckpointError, atomic_write_json, atomic_write_text, read_tensors, write_tensors,
 )
+from effc.runtime import compress as C
+from effc.runtime import distill
 from effc.runtime import export as E
 from effc.runtime.evaluate import embedding_similarity, evaluate, pair_embeddings, pair_metrics, similarity
 from effc.runtime.hf import CheckpointReader, HFError
-from effc.runtime.model import State, materialize, state_of
+from effc.runtime import merge as M
+from effc.runtime.model import State, dense_ir, dense_state, materialize, merged_state, state_of
 from effc.runtime.peft import PeftError, export_peft, read_peft
 from effc.runtime.train import Hooks, Interrupted, TrainSpec, train
 
@@ -156,6 +159,9 @@ class _Run:
         self.sources: dict[str, CheckpointReader] = {}
         self.data: dict[str, D.Dataset] = {}
         self.pairs: dict[str, D.Pairs] = {}  # the same declaration read as an encoder's pairs
+        # model -> linear path -> original weight minus its shared block's: what per-loop
+        # adapters start from (runtime.compress.share), until they exist
+        self.residuals: dict[str, dict] = {}
         self.stage_dirs: dict[str, Path] = {}
         self.stop = _Stop()
         self.summary = Summary()
@@ -219,12 +225,44 @@ class _Run:
         lazily), else nothing (a fresh model is initialised from the seed)."""
         if model in self.states:
             return self.states[model]
+        if self.r.models[model].merge is not None:
+            self.states[model] = self.merged(model)
+            return self.states[model]
         return self.source_of(model) or {}
+
+    def merged(self, model: str) -> State:
+        """A merge's state, made when the model is first used: each snapshot with its
+        adapters folded in and its compressed storage undone, then combined
+        (effc.runtime.merge)."""
+        info = self.r.models[model]
+        m = info.merge
+
+        def dense(ref: Ref) -> State:
+            state, until = self.snapshot(ref)
+            ir, gm, _ = self.graph(ref.name, until, state, 0)
+            return merged_state(dense_ir(ir), dense_state(ir, state_of(gm, ir)))
+
+        t0 = time.perf_counter()
+        operands = [dense(r) for r in m.operands]
+        args = {k: v for k, v in m.args.items() if k != "base"}
+        if "base" in m.args:
+            args["base"] = dense(m.args["base"])
+        try:
+            state = getattr(M, m.technique)(operands, **args)
+        except M.MergeError as e:
+            self.fail("E0504", f"model '{model}': {e.message}", info.span, e.hint)
+        names = ", ".join(f"{r.name}@{r.stage}" for r in m.operands)
+        self.rep.line(f"  merged {model} = {m.technique}({names}) in {time.perf_counter() - t0:.1f}s")
+        self.metric({"kind": "merge", "model": model, "technique": m.technique, "operands": names})
+        return state
 
     def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None):
         ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
         args = self.calibrated(ir, self.adapter_args(model, ir), state)
+        residuals = self.residuals.get(model, {})
+        args = {id: {**a, "residual": residuals[ir.node(id).attrs.target]}
+                if a.get("per_loop") and ir.node(id).attrs.target in residuals else a for id, a in args.items()}
         if any("peft" in a for a in args.values()):  # imported adapters start from their tensors
             try:
                 imported = read_peft(ir, args, hf_family(self.r.models[model]))
@@ -387,6 +425,8 @@ class _Run:
                 self.eval(stage.name, step)
             elif step.kind == "export":
                 self.export(step, stage.name)
+            else:
+                self.compress(stage.name, step)
         for done_train in folder.glob("train_*"):  # finished: its checkpoints are no longer needed
             shutil.rmtree(done_train)
         (folder / "models").mkdir(exist_ok=True)
@@ -406,6 +446,11 @@ class _Run:
                       "lower batch: a batch holds distinct pairs, since a repeated positive would be counted as "
                       "its own negative")
         ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed)
+        teacher = step.options.get("distill_from")
+        if teacher is not None:
+            state, until = self.snapshot(teacher) if teacher.stage else (self.current(teacher.name), step.span)
+            _, tgm, _ = self.graph(teacher.name, until, state, 0, "logits")
+            gm = distill.attach(gm, tgm, step.options["temperature"])
         resume = self.opts.resume
         if not resume and ckpt.exists():
             self.rep.line(f"  found an interrupted train of '{model}': starting it over (--resume continues it)")
@@ -436,6 +481,30 @@ class _Run:
         self.states[model] = state_of(gm, ir)
         self.summary.stages.append({"stage": stage, "train": model, "loss": res["loss"], "steps": spec.steps,
                                     "tokens": res["tokens"], "seconds": res["seconds"]})
+
+    def compress(self, stage: str, step: Step) -> None:
+        """share, prune, quantize: the model's state rewritten to match its IR after the
+        statement (effc.runtime.compress), with calibration data where the method reads it."""
+        model, e = step.model.name, step.edit
+        ir, gm, _ = self.graph(model, step.span, self.current(model), 0)
+        state = state_of(gm, ir)
+        stats = None
+        if e.args.get("calibrate") is not None and (e.technique == "wanda" or e.args.get("method") == "gptq"):
+            ref = e.args["calibrate"]
+            stats = C.calibrate(gm, ir, list(e.paths), self.split(ref), self.dataset(ref).seq, e.args["samples"],
+                                hessian=e.verb == "quantize")
+        t0 = time.perf_counter()
+        if e.verb == "share":
+            done = C.share(e, state)
+            self.residuals[model] = done.residuals
+        elif e.verb == "prune":
+            done = C.prune(e, ir, state, stats)
+        else:
+            done = C.quantize(e, ir, state, stats)
+        self.states[model] = done.state
+        self.metric({"kind": e.verb, "stage": stage, "model": model, "technique": e.technique,
+                     "seconds": time.perf_counter() - t0, **done.record})
+        self.rep.line(done.line)
 
     def eval(self, stage: str, step: Step) -> None:
         model, o = step.model.name, step.options
@@ -502,6 +571,8 @@ class _Run:
             try:
                 if fmt == "hf":
                     adapters = E.export_hf(tmp, ir, state, info, self.source_of(model))
+                elif fmt == "compressed_tensors":
+                    adapters = E.export_compressed_tensors(tmp, ir, state, info, self.source_of(model))
                 elif fmt == "peft":
                     adapters = export_peft(tmp, ir, state, info, self.source_of(model), target)
                 else:
@@ -520,6 +591,11 @@ class _Run:
                 shutil.rmtree(tmp)
         self.summary.exports.append(str(target))
         self.rep.line(f"  exported {model} to {step.path}" + (" (adapters merged)" if merge and adapters else ""))
+        masked = [a["masked_norm"] for a in adapters if "masked_norm" in a]
+        if masked:
+            self.rep.line(f"  {len(masked)} adapters merged into pruned weights: the masks removed "
+                          f"{100 * sum(masked) / len(masked):.1f}% of their updates' norm on average (at most "
+                          f"{100 * max(masked):.1f}%)")
 
 
 def adapter_args(info, ir) -> dict:

@@ -175,6 +175,12 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
     cross-entropy) or `Pairs` for a sentence encoder (the graph returns embeddings, and
     the loss is the contrastive one of `_pair_step`)."""
     named = trainable(gm, ir)
+    # A pruned weight that trains keeps its zeros (its storage is "sparse"): the mask is
+    # read off the weight before any step, its gradient is masked (so clipping sees only
+    # the kept weights) and the step's update is masked again (AdamW's moments would
+    # otherwise move the zeros).
+    sparse = {p.path for p in ir.params() if p.storage.startswith("sparse") and p.trainable}
+    masks = [(w, w.detach() != 0) for path, w in named if path in sparse]
     opt = _optimizer([p for _, p in named], spec)
     start, meta = 0, {}
     if resume and (ckpt := load_latest(ckpt_root)) is not None:
@@ -192,10 +198,16 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
         for group in opt.param_groups:
             group["lr"] = lr
         loss, n_tokens = (_pair_step if pairs else _lm_step)(gm, data, spec, s, sizes)
+        for w, m in masks:
+            if w.grad is not None:
+                w.grad.mul_(m)
         if spec.clip is not None:
             torch.nn.utils.clip_grad_norm_([p for _, p in named], spec.clip, foreach=False)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for w, m in masks:
+                w.mul_(m)
         tokens += n_tokens
         elapsed = time.perf_counter() - t0
         hooks.on_step({"step": s + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9),

@@ -67,6 +67,11 @@ def _svd(W):
 
 
 def low_rank_init(node: Node, leaf: str, t, g, args: dict, base: dict | None = None):
+    if args.get("residual") is not None:
+        # per_loop (Bae et al. 2024): s B A starts as the top-r singular part of the original
+        # layer's weight minus its shared block's, handed over by the share (effc.runtime.compress)
+        A, B = pissa(args["residual"], node.attrs.rank, node.attrs.scale)
+        return t.copy_(A if leaf == "A" else B)
     if args.get("init") == "pissa":  # B is made last: then the base keeps the residual
         A, B = pissa(base["weight"], node.attrs.rank, node.attrs.scale)
         if leaf == "B":

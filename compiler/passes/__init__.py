@@ -14,7 +14,7 @@ from typing import Callable
 
 from effc.compiler.ir import IR
 from effc.compiler.verify import verify
-from effc.lang.check import AdapterUse
+from effc.lang.check import AdapterUse, EditUse
 
 PassFn = Callable[[IR, "PassContext"], tuple[IR, int]]
 
@@ -29,10 +29,11 @@ class PassOrderError(Exception):
 
 @dataclass(frozen=True)
 class PassContext:
-    """What passes read besides the IR: the model's adapters in declaration order, each
-    with the technique's checked arguments (`AdapterUse.args`)."""
+    """What passes read besides the IR: the model's adapters and edits in declaration
+    order, each with the technique's checked arguments (`AdapterUse.args`)."""
 
     adapters: tuple[AdapterUse, ...] = ()
+    edits: tuple[EditUse, ...] = ()  # share, prune and quantize statements in declaration order
 
 
 @dataclass(frozen=True)
@@ -95,4 +96,4 @@ def run_passes(ir: IR, names: list[str], ctx: PassContext,
 
 
 # One pass a module; importing them registers them (after the registry above exists).
-from effc.compiler.passes import apply_adapters, assign_roles  # noqa: E402,F401
+from effc.compiler.passes import apply_adapters, assign_roles, compress  # noqa: E402,F401

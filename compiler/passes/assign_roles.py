@@ -2,7 +2,7 @@
 
 The policy of this issue: a model without adapters trains everything; a model with
 adapters trains only them (LoRA's frozen base, Hu et al. 2021), each adapter param as
-its kind made it (SVFit's singular vectors and NOLA's bases stay frozen). The pass is idempotent,
+its kind made it; a quantized weight never trains (SVFit's singular vectors and NOLA's bases stay frozen). The pass is idempotent,
 so running it after the `apply_<kind>` passes rewrites nothing; a rewrite is one flag changed.
 """
 
@@ -17,7 +17,8 @@ from effc.compiler.passes import PassContext, register
 
 def set_trainable(ir: IR) -> tuple[IR, int]:
     adapted = any(n.op in ADAPTERS for n in ir.nodes())
-    return ir.map_params(lambda p: p if p.role == "adapter" else replace(p, trainable=not adapted))
+    # A quantized weight's packed tensors are frozen whatever trains (QLoRA's base).
+    return ir.map_params(lambda p: p if p.role == "adapter" else replace(p, trainable=not adapted and not p.quantized))
 
 
 @register("assign_roles", after=tuple(f"apply_{k}" for k in sorted(KINDS)))

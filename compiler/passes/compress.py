@@ -1,0 +1,119 @@
+"""share_layers, share_adapters, prune_weights, quantize_linear: the compression edits.
+
+Each reads the model's `share`, `prune` and `quantize` statements declared so far
+(`PassContext.edits`, checked for order by `effc.lang.compress`) and rewrites param
+records only: which tensors exist, their shapes, dtypes and storage. The weights
+themselves change at run time (`effc.runtime.compress`), when the statement executes.
+
+- share_layers (Bae et al. 2024, Relaxed Recursive Transformers): N consecutive layers
+  become K blocks, layer i using block i mod K; the first K layers hold the blocks, and
+  every param of a later layer is tied to its block's (storage "shared"), so it is
+  stored once, counted once and its gradient is the sum over its uses.
+- share_adapters: a shared-scope adapter on a shared layer is tied to the same
+  statement's adapter on the block, so the loops share it; a per-loop one
+  (`per_loop=true`) keeps its own params.
+- prune_weights: a pruned weight stays dense, with storage "sparse(50%)" or
+  "sparse(2:4)": its zeros are kept through later training and merges.
+- quantize_linear: a quantized LINEAR holds the packed tensors of its scheme instead of
+  its weight (int8: qweight, scale; int4: qweight, scale, zero; nf4: qweight and absmax,
+  or absmax_q, absmax_scale, absmax_mean with double quantization), frozen.
+
+A rewrite is one param record changed or replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+from effc.compiler.adapters import adapter_index
+from effc.compiler.ir import ADAPTERS, IR, Node, Op, ParamRecord, packed_params
+from effc.compiler.passes import PassContext, register
+from effc.compiler.passes.apply_adapters import APPLY
+
+
+def _layer(path: str) -> tuple[str, int] | None:
+    m = re.match(r"layers\[(\d+)\]", path)
+    return (m.group(0), int(m.group(1))) if m else None
+
+
+@register("share_layers")
+def share_layers(ir: IR, ctx: PassContext) -> tuple[IR, int]:
+    block_of: dict[str, str] = {}  # layer path -> the layer path holding its block
+    for e in ctx.edits:
+        if e.verb != "share":
+            continue
+        first, k = _layer(e.paths[0])[1], e.args["blocks"]
+        for j in range(k, len(e.paths)):
+            block_of[f"layers[{first + j}]"] = f"layers[{first + j % k}]"
+
+    def tie(p: ParamRecord) -> ParamRecord:
+        at = _layer(p.path)
+        if at is None or at[0] not in block_of or p.tied_to:
+            return p
+        return replace(p, tied_to=block_of[at[0]] + p.path[len(at[0]):], storage="shared")
+
+    return ir.map_params(tie)
+
+
+@register("share_adapters", after=("share_layers", *APPLY))
+def share_adapters(ir: IR, ctx: PassContext) -> tuple[IR, int]:
+    updated, changed = [], 0
+    for n in ir.nodes():
+        if n.op not in ADAPTERS or ctx.adapters[adapter_index(n.id)].scope != "shared":
+            continue
+        w = ir.node(n.attrs.target).params[0]
+        if w.storage != "shared":
+            continue
+        block = w.tied_to.rsplit(".", 1)[0]
+        twin = block + n.id[len(n.attrs.target):]
+        if twin not in ir:
+            continue  # the block's own layer was not adapted: this loop's adapter is the group's only one
+        params = tuple(p if p.tied_to or p.storage == "generated"
+                       else replace(p, tied_to=twin + p.path[len(n.id):], storage="shared") for p in n.params)
+        changed += sum(a != b for a, b in zip(params, n.params))
+        updated.append(replace(n, params=params))
+    return ir.with_nodes(updated), changed
+
+
+def sparse_storage(args: dict, technique: str) -> str:
+    if args.get("n") is not None:
+        return f"sparse({args['n']}:{args['m']})"
+    scope = " global" if args.get("scope") == "global" else ""
+    return f"sparse({100 * args['sparsity']:g}%{scope})"
+
+
+@register("prune_weights", after=("share_adapters",))
+def prune_weights(ir: IR, ctx: PassContext) -> tuple[IR, int]:
+    storage: dict[str, str] = {}
+    for e in ctx.edits:
+        if e.verb == "prune":
+            for path in e.paths:
+                w = ir.node(path).params[0]
+                storage[w.tied_to or w.path] = sparse_storage(e.args, e.technique)
+    # a loop of a shared block keeps storage "shared": the block's own record says sparse
+    return ir.map_params(lambda p: replace(p, storage=storage[p.path]) if p.tied_to is None and p.path in storage else p)
+
+
+def quantize_node(n: Node, scheme: str, args: dict) -> Node:
+    a, w = n.attrs, n.params[0]
+    dq = scheme == "nf4" and args["double_quant"]
+    packed = packed_params(n.id, a.out_features, a.in_features, scheme, args.get("group", 0), dq, w.role)
+    if w.tied_to:  # a loop of a shared block reads the block's packed tensors
+        block = w.tied_to.rsplit(".", 1)[0]
+        packed = tuple(replace(p, tied_to=block + p.path[len(n.id):]) for p in packed)
+    return replace(n, attrs=replace(a, quant=scheme, group=args.get("group", 0), double_quant=dq),
+                   params=packed + n.params[1:])
+
+
+@register("quantize_linear", after=("prune_weights",))
+def quantize_linear(ir: IR, ctx: PassContext) -> tuple[IR, int]:
+    updated = {}
+    for e in ctx.edits:
+        if e.verb == "quantize":
+            for path in e.paths:
+                n = ir.node(path)
+                if n.op is Op.LINEAR and not n.attrs.quant:
+                    updated[path] = quantize_node(n, e.technique, e.args)
+    changed = sum(len(n.params) for n in updated.values())
+    return ir.with_nodes(updated.values()), changed

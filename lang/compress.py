@@ -1,0 +1,94 @@
+"""The order rules of the compression statements (E0210), read from a model's edits so far.
+
+A model changes in declaration order: `share` rewrites whole layers, so it comes before
+anything that adapts, prunes or quantizes them; pruning zeroes dense weights, so it comes
+before quantization fixes their values; a quantized weight is frozen and stored packed,
+so an adapter that reads or rewrites the dense weight itself (DoRA's row norms, PaCA's
+columns, SVFit's singular vectors) cannot sit on it, and a weight is quantized once. A
+tied head shares its matrix with the embedding, which is not a linear layer: it is
+neither pruned nor quantized. Each function returns (message, hint) or None.
+"""
+
+from __future__ import annotations
+
+import re
+
+DENSE_READERS = {"dora": "its magnitude is computed from the dense weight's row norms",
+                 "paca": "it trains columns of the weight in place",
+                 "svfit": "it decomposes the dense weight"}
+IN_PLACE = {"paca": DENSE_READERS["paca"], "svfit": "it rewrites the weight from its singular vectors"}
+
+
+def _touched(model, verb: str) -> dict[str, int]:
+    """Paths changed by earlier `verb` statements -> the statement's line."""
+    return {p: e.span.line for e in model.edits if e.verb == verb for p in e.paths}
+
+
+def shared_layers(model) -> dict[str, int]:
+    """Layer paths (`layers[3]`) that belong to a recursive share -> its line."""
+    return _touched(model, "share")
+
+
+def _layer_of(path: str) -> str | None:
+    m = re.match(r"(layers\[\d+\])", path)
+    return m.group(1) if m else None
+
+
+def edit_problem(model, use) -> tuple[str, str] | None:
+    if use.verb == "share":
+        return _share_problem(model, use)
+    tied = model.arch is not None and model.arch.tied and "head" in use.paths
+    if tied:
+        return (f"the head of '{model.name}' is tied to its embedding, so it cannot be {use.verb}d on its own",
+                "select the other linear layers (for example layers[*].**:linear)")
+    quantized = _touched(model, "quantize")
+    for p in use.paths:
+        if p in quantized:
+            what = "quantize it once" if use.verb == "quantize" else "prune before quantizing"
+            return (f"'{p}' was quantized at line {quantized[p]}, which froze its values",
+                    f"{what}: a quantized weight is stored packed and never changes again")
+        for a in model.adapters:
+            why = (DENSE_READERS if use.verb == "quantize" else IN_PLACE).get(a.technique)
+            if why and p in a.paths:
+                return (f"'{p}' has a {a.technique} adapter (line {a.span.line}), and {why}",
+                        f"{use.verb} the weights without it, or adapt them with lora")
+    return None
+
+
+def _share_problem(model, use) -> tuple[str, str] | None:
+    idx = [int(re.fullmatch(r"layers\[(\d+)\]", p).group(1)) for p in use.paths]
+    if idx != list(range(idx[0], idx[0] + len(idx))):
+        return ("recursive sharing loops consecutive layers, and the selection is not a contiguous range",
+                "select a slice such as layers[0:6]")
+    shared = shared_layers(model)
+    for p in use.paths:
+        if p in shared:
+            return (f"'{p}' already shares a block (line {shared[p]})", "share each layer once")
+        later = [(e.verb, e.span.line) for e in model.edits for q in e.paths if _layer_of(q) == p]
+        later += [("adapt", a.span.line) for a in model.adapters for q in a.paths if _layer_of(q) == p]
+        if later:
+            verb, line = later[0]
+            return (f"'{p}' was changed by '{verb}' at line {line}, and sharing replaces whole layers",
+                    "share layers before adapting, pruning or quantizing them")
+    return None
+
+
+def adapter_problem(model, technique: str, scope: str, paths: frozenset[str]) -> tuple[str, str] | None:
+    if scope == "per_loop":
+        shared = shared_layers(model)
+        alone = sorted(p for p in paths if _layer_of(p) not in shared)
+        if alone:
+            return (f"per_loop=true gives each loop of a shared block its own adapter, and '{alone[0]}' is in no "
+                    "shared block", "declare share ... as recursive(...) on these layers before this adapt")
+    why = DENSE_READERS.get(technique)
+    quantized = _touched(model, "quantize")
+    for p in sorted(paths):
+        if why and p in quantized:
+            return (f"'{p}' was quantized at line {quantized[p]}, and {technique} cannot sit on a quantized weight: "
+                    f"{why}", "adapt quantized weights with lora (QLoRA), or adapt before quantizing")
+    pruned = _touched(model, "prune")
+    for p in sorted(paths):
+        if technique in IN_PLACE and p in pruned:
+            return (f"'{p}' was pruned at line {pruned[p]}, and {technique} cannot keep its zeros: "
+                    f"{IN_PLACE[technique]}", "adapt pruned weights with lora, or adapt before pruning")
+    return None
