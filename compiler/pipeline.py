@@ -25,6 +25,7 @@ from effc.lang.types import Bytes
 # The pass list, in order, each with its reason.
 PASSES = [
     "share_layers",     # recursive shares first: later layers tie their params to their blocks'
+    "prune_structure",  # removed heads and channels shrink their tensors before anything adapts them
     *APPLY,             # adapters declared so far become adapter nodes, one pass per kind; the base is frozen
     "share_adapters",   # a shared adapter on a looped layer is its block's adapter
     "prune_weights",    # pruned weights keep their zeros (storage sparse)

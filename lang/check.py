@@ -663,7 +663,9 @@ class _Checker:
         use = EditUse(verb, checked.name, tuple(t.path for t in targets), stmt.span, checked.args)
         problem = edit_problem(model, use)
         if problem:
-            self.err("E0210", problem[0], stmt.target.span, problem[1])
+            code, span = ("E0210", stmt.target.span) if len(problem) == 2 else \
+                (problem[2], self.arg_span(stmt.technique, problem[3]))
+            self.err(code, problem[0], span, problem[1])
             return None
         model.edits.append(use)
         return Step(verb, Ref("model", model.name), checked.args, stmt.span, edit=use)

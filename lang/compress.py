@@ -6,7 +6,8 @@ before quantization fixes their values; a quantized weight is frozen and stored 
 so an adapter that reads or rewrites the dense weight itself (DoRA's row norms, PaCA's
 columns, SVFit's singular vectors) cannot sit on it, and a weight is quantized once. A
 tied head shares its matrix with the embedding, which is not a linear layer: it is
-neither pruned nor quantized. Each function returns (message, hint) or None.
+neither pruned nor quantized. Each function returns (message, hint) or None; a problem
+with one of the technique's arguments adds its code and the argument's name.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def edit_problem(model, use) -> tuple[str, str] | None:
     if tied:
         return (f"the head of '{model.name}' is tied to its embedding, so it cannot be {use.verb}d on its own",
                 "select the other linear layers (for example layers[*].**:linear)")
+    if use.technique in STRUCTURED:
+        return _structure_problem(model, use)
     quantized = _touched(model, "quantize")
     for p in use.paths:
         if p in quantized:
@@ -91,4 +94,38 @@ def adapter_problem(model, technique: str, scope: str, paths: frozenset[str]) ->
         if technique in IN_PLACE and p in pruned:
             return (f"'{p}' was pruned at line {pruned[p]}, and {technique} cannot keep its zeros: "
                     f"{IN_PLACE[technique]}", "adapt pruned weights with lora, or adapt before pruning")
+    return None
+
+
+STRUCTURED = ("heads", "channels")
+
+
+def removed_units(arch, technique: str, fraction: float) -> tuple[int, int]:
+    """(units removed, units there are) per selected module: kv groups of an attention
+    (a head each without grouped-query attention), or intermediate channels of an MLP."""
+    units = arch.kv_heads if technique == "heads" else arch.ffn
+    return round(fraction * units), units
+
+
+def _structure_problem(model, use) -> tuple[str, str] | None:
+    what = "heads" if use.technique == "heads" else "channels"
+    if model.arch is not None:
+        n, units = removed_units(model.arch, use.technique, use.args["fraction"])
+        unit = "key/value groups" if use.technique == "heads" and model.arch.kv_heads < model.arch.heads else what
+        if not 0 < n < units:  # an argument problem: E0309 at fraction=
+            return (f"fraction={use.args['fraction']} removes {n} of {units} {unit} per module",
+                    f"choose a fraction that removes at least one and keeps at least one of the {units}",
+                    "E0309", "fraction")
+    earlier = _touched(model, "quantize")
+    shared = shared_layers(model)
+    for p in use.paths:
+        if _layer_of(p) in shared:
+            return (f"'{p}' belongs to a shared block, and removing {what} from one loop changes them all",
+                    f"prune {what} in layers that share no block")
+        inside = [(q, line) for q, line in earlier.items() if q.startswith(p + ".")]
+        inside += [(q, a.span.line) for a in model.adapters for q in a.paths if q.startswith(p + ".") or q == p]
+        if inside:
+            return (f"'{inside[0][0]}' was changed at line {inside[0][1]}, and removing {what} deletes rows "
+                    "and columns of every weight in it", f"prune {what} before adapting or quantizing the weights "
+                    "inside")
     return None

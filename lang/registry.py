@@ -541,7 +541,21 @@ PRUNERS = Registry("pruning method", {
        "output row (or per N:M group); no retraining.",
         paper="Sun et al. 2023, A Simple and Effective Pruning Approach for LLMs (arXiv:2306.11695)",
         targets=("linear",), constraints=_wanda_constraints, target_constraints=_wanda_targets),
-}, planned={n: _COMPRESS for n in ("heads", "channels", "drop_sublayers")})
+    "heads": Entry("heads", (
+        Param("fraction", FloatT(min=0, max=1, min_open=True, max_open=True),
+              doc="fraction of each selected attention's heads removed (whole key/value groups under "
+                  "grouped-query attention), the least important by weight magnitude"),
+    ), "Structured head pruning: the q, k, v rows and o columns of the removed heads are deleted, so the "
+       "tensors, the parameter count and the FLOPs shrink.",
+        paper="Michel et al. 2019, Are Sixteen Heads Really Better than One? (arXiv:1905.10650)",
+        targets=("attention",)),
+    "channels": Entry("channels", (
+        Param("fraction", FloatT(min=0, max=1, min_open=True, max_open=True),
+              doc="fraction of each selected MLP's intermediate channels removed, the least important by "
+                  "weight magnitude"),
+    ), "Structured MLP pruning: the gate and up rows and down columns of the removed channels are deleted.",
+        paper="Ma et al. 2023, LLM-Pruner (arXiv:2305.11627)", targets=("mlp",)),
+}, planned={n: _COMPRESS for n in ("drop_sublayers",)})
 
 
 def _int4_constraints(a: dict) -> list[Problem]:

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from effc.compiler.ir import IR
+from effc.compiler.to_fx import graph_output
 from effc.kernels import quant as Q
 from effc.runtime import data as D
 from effc.runtime import prune as P
@@ -88,9 +89,13 @@ def calibrate(gm: fx.GraphModule, ir: IR, targets: list[str], split: D.Split, se
     runner = _Capture(gm, by_input, hessian)
     was = gm.training
     gm.eval()
+    encoder = graph_output(ir) == "embedding"
     for ids in D.eval_windows(split, seq, batch, samples):
         x, y = D.gather(split, seq, ids)
-        runner.run(x, y, *(D.packing(split, seq, ids) or (None, None)))
+        if encoder:  # a sentence encoder reads windows of the text as sentences, every token real
+            runner.run(x, torch.ones_like(x, dtype=torch.bool))
+        else:
+            runner.run(x, y, *(D.packing(split, seq, ids) or (None, None)))
     gm.train(was)
     return {t: by_input[names[ir.inputs(t)[0]]] for t in targets}
 
@@ -141,7 +146,35 @@ def share(edit, state: State) -> Outcome:
     return Outcome(out, line, {"layers": n, "blocks": k, "init": init}, residuals)
 
 
+def prune_structure(edit, ir: IR, state: State) -> Outcome:
+    """heads / channels: per selected attention (MLP), the lowest-scoring kv groups
+    (channels) by weight magnitude (runtime.prune.head_scores, channel_scores) leave its
+    tensors."""
+    out = dict(state)
+    before = after = 0
+    for p in edit.paths:
+        leaves = {k[len(p) + 1:]: t for k, t in state.items() if k.startswith(p + ".")}
+        if edit.technique == "heads":
+            a = ir.node(f"{p}.core").attrs
+            scores = P.head_scores(*(leaves[f"{n}.weight"] for n in "qkvo"), a.heads, a.kv_heads, a.head_dim)
+            keep = P.choose_keep(scores, round(edit.args["fraction"] * a.kv_heads))
+            kept = P.prune_heads(leaves, a.heads, a.kv_heads, a.head_dim, keep)
+        else:
+            scores = P.channel_scores(leaves)
+            keep = P.choose_keep(scores, round(edit.args["fraction"] * len(scores)))
+            kept = P.prune_channels(leaves, keep)
+        before += len(scores)
+        after += len(keep)
+        out.update({f"{p}.{leaf}": t for leaf, t in kept.items()})
+    what = "key/value head groups" if edit.technique == "heads" else "channels"
+    removed = sum(t.numel() for t in state.values()) - sum(t.numel() for t in out.values())
+    line = f"  pruned {edit.technique}: kept {after} of {before} {what} ({removed:,} params fewer)"
+    return Outcome(out, line, {"kept": after, "of": before, "params_removed": removed})
+
+
 def prune(edit, ir: IR, state: State, stats: dict[str, InputStats] | None) -> Outcome:
+    if edit.technique in ("heads", "channels"):
+        return prune_structure(edit, ir, state)
     a, out = edit.args, dict(state)
     paths = list(dict.fromkeys(_weight_path(ir, t) for t in edit.paths))  # a shared weight once
     weights = {p: state[p] for p in paths}

@@ -76,6 +76,53 @@ def share_adapters(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     return ir.with_nodes(updated), changed
 
 
+def _resized(n: Node, out_features: int | None = None, in_features: int | None = None) -> Node:
+    """A LINEAR with new widths: its weight (out, in) and bias (out) records follow."""
+    a = n.attrs
+    a = replace(a, out_features=out_features or a.out_features, in_features=in_features or a.in_features)
+    shapes = [(a.out_features, a.in_features), (a.out_features,)]
+    params = tuple(replace(p, shape=shape) for p, shape in zip(n.params, shapes))
+    return replace(n, attrs=a, params=params, shape=n.shape[:-1] + (a.out_features,))
+
+
+def _width(n: Node, width: int, **attrs) -> Node:
+    return replace(n, attrs=replace(n.attrs, **attrs), shape=n.shape[:-1] + (width,))
+
+
+@register("prune_structure", after=("share_layers",))
+def prune_structure(ir: IR, ctx: PassContext) -> tuple[IR, int]:
+    """heads and channels: the removed units' rows and columns leave every tensor of the
+    selected attentions and MLPs (the same count in each, so the shapes are static; which
+    units go is decided by their weights at run time, effc.runtime.compress)."""
+    updated: dict[str, Node] = {}
+    node = lambda id: updated.get(id) or ir.node(id)  # noqa: E731
+    for e in ctx.edits:
+        if e.verb != "prune" or e.technique not in ("heads", "channels"):
+            continue
+        for p in e.paths:
+            if e.technique == "heads":
+                core = node(f"{p}.core").attrs
+                n = round(e.args["fraction"] * core.kv_heads)
+                kv = core.kv_heads - n
+                heads = kv * (core.heads // core.kv_heads)
+                q, kvw = heads * core.head_dim, kv * core.head_dim
+                new = [_resized(node(f"{p}.q"), out_features=q), _resized(node(f"{p}.k"), out_features=kvw),
+                       _resized(node(f"{p}.v"), out_features=kvw), _resized(node(f"{p}.o"), in_features=q),
+                       _width(node(f"{p}.core"), q, heads=heads, kv_heads=kv)]
+                if f"{p}.rope_q" in ir:
+                    new += [_width(node(f"{p}.rope_q"), q, heads=heads), _width(node(f"{p}.rope_k"), kvw, heads=kv)]
+            else:
+                down = node(f"{p}.down")
+                ffn = down.attrs.in_features - round(e.args["fraction"] * down.attrs.in_features)
+                act = f"{p}.swiglu" if f"{p}.swiglu" in ir else f"{p}.act"
+                new = [_resized(node(f"{p}.up"), out_features=ffn), _resized(down, in_features=ffn),
+                       _width(node(act), ffn, dim=ffn)]
+                if f"{p}.gate" in ir:
+                    new.append(_resized(node(f"{p}.gate"), out_features=ffn))
+            updated.update({n.id: n for n in new})
+    return ir.with_nodes(updated.values()), len(updated)
+
+
 def sparse_storage(args: dict, technique: str) -> str:
     if args.get("n") is not None:
         return f"sparse({args['n']}:{args['m']})"
@@ -87,7 +134,7 @@ def sparse_storage(args: dict, technique: str) -> str:
 def prune_weights(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     storage: dict[str, str] = {}
     for e in ctx.edits:
-        if e.verb == "prune":
+        if e.verb == "prune" and e.technique not in ("heads", "channels"):
             for path in e.paths:
                 w = ir.node(path).params[0]
                 storage[w.tied_to or w.path] = sparse_storage(e.args, e.technique)

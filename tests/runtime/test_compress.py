@@ -228,3 +228,35 @@ def test_quantize_roundtrip_reference_is_the_kernel_dequantizer():
     packed = Q.quantize_int4_rtn(w, 32)
     assert torch.equal(Q.dequantize("int4", packed, 32),
                        Q.dequantize_int4(packed["qweight"], packed["scale"], packed["zero"], 32))
+
+
+@pytest.mark.parametrize("body,drop", [
+    ("    prune m.layers[*].attn with heads(fraction=0.25)\n", "heads"),
+    ("    prune m.layers[*].mlp with channels(fraction=0.5)\n", "channels"),
+])
+def test_structured_pruning_equals_zeroing_the_removed_units(body, drop):
+    """The shrunk model computes what the full model computes with the removed heads'
+    o-columns (channels' down-columns) zeroed: those units then write nothing."""
+    r = program(body)
+    prune, tr = steps(r)
+    before, _ = model_ir(r, "m", prune.span)
+    after, _ = model_ir(r, "m", tr.span)
+    state = fresh_state(r, prune.span)
+    done = C.prune(prune.edit, before, state, None)
+    small, fresh = materialize(after, SEQ, done.state, 0)
+    assert fresh == []
+    zeroed = dict(state)
+    for i in range(4):
+        leaf = f"layers[{i}].attn.o.weight" if drop == "heads" else f"layers[{i}].mlp.down.weight"
+        full, kept = state[leaf], done.state[leaf]
+        cols = [c for c in range(full.shape[1]) if not any(torch.equal(full[:, c], kept[:, j])
+                                                            for j in range(kept.shape[1]))]
+        assert len(cols) == full.shape[1] - kept.shape[1]
+        zeroed[leaf] = full.clone()
+        zeroed[leaf][:, cols] = 0
+    big, _ = materialize(before, SEQ, zeroed, 0)
+    x, y = tokens()
+    torch.testing.assert_close(small(x, y), big(x, y), rtol=1e-5, atol=1e-5)
+    from effc.compiler.cost import estimate
+    held = sum(t.numel() for t in done.state.values())
+    assert held == estimate(after, 2, SEQ).params_total < estimate(before, 2, SEQ).params_total
