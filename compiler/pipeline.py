@@ -26,6 +26,7 @@ from effc.lang.types import Bytes
 PASSES = [
     "share_layers",     # recursive shares first: later layers tie their params to their blocks'
     "prune_structure",  # removed heads and channels shrink their tensors before anything adapts them
+    "drop_sublayers",   # dropped attention or MLP sublayers leave the graph
     *APPLY,             # adapters declared so far become adapter nodes, one pass per kind; the base is frozen
     "share_adapters",   # a shared adapter on a looped layer is its block's adapter
     "prune_weights",    # pruned weights keep their zeros (storage sparse)

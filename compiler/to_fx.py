@@ -155,14 +155,9 @@ def _quantized_linear(g: fx.Graph, n: Node, x: fx.Node, weight) -> fx.Node:
     packed tensors are the node's params in packed_params' order, then the bias."""
     a = n.attrs
     k = sum(p.quantized for p in n.params)
-    packed = [weight(n, i) for i in range(k)]
-    bias = weight(n, k) if a.bias else None
-    if a.quant == "int8":
-        return g.call_function(torch.ops.effc.int8_linear, (x, *packed, bias))
-    if a.quant == "int4":
-        return g.call_function(torch.ops.effc.int4_linear, (x, *packed, a.group, bias))
-    absmax = g.call_function(Q.nf4_absmax, tuple(packed[1:])) if a.double_quant else packed[1]
-    return g.call_function(torch.ops.effc.nf4_linear, (x, packed[0], absmax, a.group, bias))
+    packed = tuple(weight(n, i) for i in range(k))
+    return g.call_function(Q.packed_linear, (x, a.quant, a.group, a.double_quant, packed,
+                                             weight(n, k) if a.bias else None))
 
 
 def graph_output(ir: IR) -> str:

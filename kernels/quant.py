@@ -527,3 +527,17 @@ def dequantize(scheme: str, packed: dict[str, torch.Tensor], group: int) -> torc
     if scheme == "nf4":
         return dequantize_nf4(group=group, **packed)
     raise ValueError(f"unknown quantization scheme {scheme!r}")
+
+
+def packed_linear(x: torch.Tensor, scheme: str, group: int, double_quant: bool, packed: tuple,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ dequant(W).T (+ bias) for a weight in `scheme`'s packed tensors, in the order of
+    effc.compiler.ir.packed_params (int8: qweight, scale; int4: qweight, scale, zero; nf4:
+    qweight, absmax, or with double quantization qweight, absmax_q, absmax_scale,
+    absmax_mean): the call the fx graph and the KV-cache decoder make."""
+    if scheme == "int8":
+        return int8_linear(x, *packed, bias)
+    if scheme == "int4":
+        return int4_linear(x, *packed, group, bias)
+    absmax = nf4_absmax(*packed[1:]) if double_quant else packed[1]
+    return nf4_linear(x, packed[0], absmax, group, bias)

@@ -528,6 +528,14 @@ class _Checker:
                      "merge_adapters=false keeps the adapters apart over the packed weights; format=hf writes "
                      "dequantized weights with the adapters merged")
             return False
+        shrunk = next((e for e in edits if e.technique in ("heads", "channels", "drop_sublayers")), None)
+        if shrunk and opts["format"] in ("hf", "compressed_tensors", "peft"):
+            what = {"heads": "some layers have fewer attention heads", "channels": "some MLPs are narrower",
+                    "drop_sublayers": "some layers have lost a sublayer"}[shrunk.technique]
+            self.err("E0406", f"format={opts['format']} describes every layer with one transformers config, and "
+                     f"{what} (line {shrunk.span.line})", stmt.span,
+                     "export with format=effc, which records the pruning with the weights")
+            return False
         if opts["format"] == "compressed_tensors":
             schemes = {e.technique: e for e in edits if e.verb == "quantize"}
             problem = None

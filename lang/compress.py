@@ -44,6 +44,8 @@ def edit_problem(model, use) -> tuple[str, str] | None:
                 "select the other linear layers (for example layers[*].**:linear)")
     if use.technique in STRUCTURED:
         return _structure_problem(model, use)
+    if use.technique == "drop_sublayers":
+        return _drop_problem(model, use)
     quantized = _touched(model, "quantize")
     for p in use.paths:
         if p in quantized:
@@ -128,4 +130,23 @@ def _structure_problem(model, use) -> tuple[str, str] | None:
             return (f"'{inside[0][0]}' was changed at line {inside[0][1]}, and removing {what} deletes rows "
                     "and columns of every weight in it", f"prune {what} before adapting or quantizing the weights "
                     "inside")
+    return None
+
+
+def _drop_problem(model, use) -> tuple | None:
+    if model.arch is not None and model.arch.post_norm:
+        return (f"'{model.name}' normalizes after each residual add (post-norm), and dropping a sublayer there "
+                "would still leave its norm", "drop sublayers of pre-norm models (Llama, the built-in decoder)",
+                "E0309", "kind")
+    kind, shared = use.args["kind"], shared_layers(model)
+    inside = lambda q, p: q.startswith((f"{p}.{kind}.", f"{p}.{kind}_norm")) or q == f"{p}.{kind}"  # noqa: E731
+    for p in use.paths:
+        if p in shared:
+            return (f"'{p}' belongs to a shared block, and dropping a sublayer of one loop changes them all",
+                    "drop sublayers of layers that share no block")
+        changed = [(q, e.span.line) for e in model.edits for q in e.paths if inside(q, p)]
+        changed += [(q, a.span.line) for a in model.adapters for q in a.paths if inside(q, p)]
+        if changed:
+            return (f"'{changed[0][0]}' was changed at line {changed[0][1]}, and the sublayer holding it may be "
+                    "dropped", "drop sublayers before adapting, pruning or quantizing them")
     return None

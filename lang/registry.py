@@ -511,6 +511,13 @@ def _wanda_targets(a: dict, targets: list) -> list[Problem]:
     return _columns_divisible("m", "N:M groups run along it")(a, targets) if a.get("m") else []
 
 
+def _drop_count(a: dict, targets: list) -> list[Problem]:
+    if isinstance(a.get("count"), int) and a["count"] > len(targets):
+        return [Problem("count", f"count={a['count']} is more than the {len(targets)} selected layers",
+                        f"drop at most {len(targets)}, or select more layers")]
+    return []
+
+
 _SPARSITY = Param("sparsity", FloatT(min=0, max=1, max_open=True), doc="fraction of the weights set to zero")
 _CALIBRATE = Param("calibrate", DataT(), doc="data whose activations score the weights (its train split, or the "
                    "split named)")
@@ -555,7 +562,16 @@ PRUNERS = Registry("pruning method", {
                   "weight magnitude"),
     ), "Structured MLP pruning: the gate and up rows and down columns of the removed channels are deleted.",
         paper="Ma et al. 2023, LLM-Pruner (arXiv:2305.11627)", targets=("mlp",)),
-}, planned={n: _COMPRESS for n in ("drop_sublayers",)})
+    "drop_sublayers": Entry("drop_sublayers", (
+        Param("kind", EnumT(("attn", "mlp")), doc="which sublayers are dropped: attention or MLP"),
+        Param("count", IntT(min=1), doc="how many of the selected layers lose that sublayer"),
+        _CALIBRATE, _SAMPLES,
+    ), "Drops whole attention or MLP sublayers (their residual branch) where the residual stream changes "
+       "least: the count with the highest cosine similarity between the sublayer's input and output on "
+       "calibration data, chosen at run time. Pre-norm models.",
+        paper="He et al. 2024, What Matters in Transformers? Not All Attention is Needed (arXiv:2406.15786)",
+        targets=("block",), target_constraints=_drop_count),
+})
 
 
 def _int4_constraints(a: dict) -> list[Problem]:

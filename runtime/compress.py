@@ -58,6 +58,53 @@ class InputStats:
         return (2.0 / max(self.tokens, 1)) * self.hessian
 
 
+class _Streams(fx.Interpreter):
+    """Runs a graph and scores each watched sublayer: its residual add's output against
+    the stream it added to (runtime.prune.SublayerSimilarity)."""
+
+    def __init__(self, gm: fx.GraphModule, pairs: dict[str, tuple[str, "P.SublayerSimilarity"]]):
+        super().__init__(gm)
+        self.pairs, self.seen = pairs, {}
+        self.inputs = {src for src, _ in pairs.values()}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.inputs:
+            self.seen[n.name] = out
+        if n.name in self.pairs:
+            src, sim = self.pairs[n.name]
+            sim.update(self.seen[src], out)
+        return out
+
+
+def _windows(gm: fx.GraphModule, ir: IR, runner: fx.Interpreter, split: D.Split, seq: int, samples: int,
+             batch: int) -> None:
+    """Run `runner` over the first `samples` windows of `split` (a sentence encoder reads
+    them as sentences, every token real)."""
+    encoder = graph_output(ir) == "embedding"
+    was = gm.training
+    gm.eval()
+    with torch.no_grad():
+        for ids in D.eval_windows(split, seq, batch, samples):
+            x, y = D.gather(split, seq, ids)
+            if encoder:
+                runner.run(x, torch.ones_like(x, dtype=torch.bool))
+            else:
+                runner.run(x, y, *(D.packing(split, seq, ids) or (None, None)))
+    gm.train(was)
+
+
+def sublayer_similarity(gm: fx.GraphModule, ir: IR, layers: list[str], kind: str, split: D.Split, seq: int,
+                        samples: int, batch: int = 8) -> dict[str, float]:
+    """Layer path -> mean cos(x_in, x_out) of its `kind` sublayer over the calibration windows."""
+    names = gm.meta["ir_nodes"]
+    sims = {layer: P.SublayerSimilarity() for layer in layers}
+    pairs = {names[f"{layer}.{kind}_residual"]: (names[ir.inputs(f"{layer}.{kind}_residual")[0]], sims[layer])
+             for layer in layers}
+    _windows(gm, ir, _Streams(gm, pairs), split, seq, samples, batch)
+    return {layer: s.result() for layer, s in sims.items()}
+
+
 class _Capture(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, watch: dict[str, InputStats], hessian: bool):
         super().__init__(gm)
@@ -77,7 +124,6 @@ class _Capture(fx.Interpreter):
         return out
 
 
-@torch.no_grad()
 def calibrate(gm: fx.GraphModule, ir: IR, targets: list[str], split: D.Split, seq: int, samples: int,
               hessian: bool, batch: int = 8) -> dict[str, InputStats]:
     """Input statistics of each target linear (by id) over the first `samples`
@@ -86,17 +132,7 @@ def calibrate(gm: fx.GraphModule, ir: IR, targets: list[str], split: D.Split, se
     by_input: dict[str, InputStats] = {}
     for t in targets:
         by_input.setdefault(names[ir.inputs(t)[0]], InputStats())
-    runner = _Capture(gm, by_input, hessian)
-    was = gm.training
-    gm.eval()
-    encoder = graph_output(ir) == "embedding"
-    for ids in D.eval_windows(split, seq, batch, samples):
-        x, y = D.gather(split, seq, ids)
-        if encoder:  # a sentence encoder reads windows of the text as sentences, every token real
-            runner.run(x, torch.ones_like(x, dtype=torch.bool))
-        else:
-            runner.run(x, y, *(D.packing(split, seq, ids) or (None, None)))
-    gm.train(was)
+    _windows(gm, ir, _Capture(gm, by_input, hessian), split, seq, samples, batch)
     return {t: by_input[names[ir.inputs(t)[0]]] for t in targets}
 
 
@@ -152,7 +188,7 @@ def prune_structure(edit, ir: IR, state: State) -> Outcome:
     tensors."""
     out = dict(state)
     before = after = 0
-    for p in edit.paths:
+    for p in [p for p in edit.paths if f"{p}.core" in ir or f"{p}.down" in ir]:  # not a dropped sublayer
         leaves = {k[len(p) + 1:]: t for k, t in state.items() if k.startswith(p + ".")}
         if edit.technique == "heads":
             a = ir.node(f"{p}.core").attrs
@@ -172,18 +208,33 @@ def prune_structure(edit, ir: IR, state: State) -> Outcome:
     return Outcome(out, line, {"kept": after, "of": before, "params_removed": removed})
 
 
+def drop_sublayers(edit, state: State, similarity: dict[str, float]) -> Outcome:
+    """The `count` sublayers whose output is most similar to their input go (He et al.
+    2024): their params leave the state, and the choice is recorded in the statement's
+    args (`dropped`), which the IR passes read from then on."""
+    k = edit.args["kind"]
+    chosen = set(P.choose_drop(similarity, edit.args["count"]))
+    edit.args["dropped"] = [p for p in edit.paths if p in chosen]  # in layer order
+    gone = tuple(f"{layer}.{k}{sep}" for layer in chosen for sep in (".", "_norm."))
+    out = {p: t for p, t in state.items() if not p.startswith(gone)}
+    scores = ", ".join(f"{p} {similarity[p]:.3f}" for p in edit.args["dropped"])
+    line = (f"  dropped the {k} sublayer of {len(chosen)} layers (input/output cosine {scores}): "
+            f"{sum(t.numel() for t in state.values()) - sum(t.numel() for t in out.values()):,} params fewer")
+    return Outcome(out, line, {"dropped": edit.args["dropped"], "similarity": similarity})
+
+
 def prune(edit, ir: IR, state: State, stats: dict[str, InputStats] | None) -> Outcome:
     if edit.technique in ("heads", "channels"):
         return prune_structure(edit, ir, state)
     a, out = edit.args, dict(state)
-    paths = list(dict.fromkeys(_weight_path(ir, t) for t in edit.paths))  # a shared weight once
+    paths = list(dict.fromkeys(_weight_path(ir, t) for t in edit.paths if t in ir))  # a shared weight once
     weights = {p: state[p] for p in paths}
     if edit.technique == "magnitude":
         masks = P.magnitude_masks(weights, a["sparsity"], a["scope"])
     elif edit.technique == "nm":
         masks = {p: P.nm_mask(w.abs(), a["n"], a["m"]) for p, w in weights.items()}
     else:  # wanda: a shared weight is scored with its first use's inputs
-        norm = {_weight_path(ir, t): stats[t].norms for t in reversed(edit.paths)}
+        norm = {_weight_path(ir, t): stats[t].norms for t in reversed(edit.paths) if t in ir}
         masks = {p: (P.wanda_nm_mask(w, norm[p], a["n"], a["m"]) if a["n"] is not None
                      else P.wanda_mask(w, norm[p], a["sparsity"])) for p, w in weights.items()}
     zeros = total = 0
@@ -199,7 +250,7 @@ def quantize(edit, ir: IR, state: State, stats: dict[str, InputStats] | None) ->
     a, out = edit.args, dict(state)
     done: set[str] = set()
     err = ref = 0.0
-    for t in edit.paths:
+    for t in [t for t in edit.paths if t in ir]:  # a dropped sublayer's weights are gone
         path = _weight_path(ir, t)
         if path in done:
             continue  # a shared weight is quantized once, at its block

@@ -52,8 +52,17 @@ def adapter_uses(info: ModelInfo, ir: IR) -> list[dict]:
     """The adapt statements behind the IR's adapters, in order (a node's id ends in its
     statement's number): what rebuilds the same adapter nodes from the export alone."""
     count = max((adapter_index(n.id) + 1 for n in ir.nodes() if n.op in ADAPTERS), default=0)
-    return [{"technique": u.technique, "paths": sorted(u.paths), "args": {k: _jsonable(v) for k, v in u.args.items()}}
-            for u in info.adapters[:count]]
+    return [{"technique": u.technique, "scope": u.scope, "paths": sorted(u.paths),
+             "args": {k: _jsonable(v) for k, v in u.args.items()}} for u in info.adapters[:count]]
+
+
+def edit_uses(edits: list, merged: bool) -> list[dict]:
+    """The share, prune and quantize statements behind the exported IR (those declared
+    before the point it shows), with the run's choices (`dropped`): what rebuilds the same
+    IR from the export alone. A merged export is unrolled, so its shares are left out."""
+    return [{"verb": e.verb, "technique": e.technique, "paths": list(e.paths),
+             "args": {k: _jsonable(v) for k, v in e.args.items()}}
+            for e in edits if not (merged and e.verb == "share")]
 
 
 def _jsonable(v):
@@ -74,7 +83,8 @@ def adapter_paths(ir: IR) -> set[str]:
             if p.tied_to is None and p.storage != "generated"}
 
 
-def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool, pipeline: str) -> list[dict]:
+def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool, pipeline: str,
+                edits: list = ()) -> list[dict]:
     adapters = adapter_records(ir)
     adapter_keys = adapter_paths(ir)
     if merge:
@@ -95,6 +105,7 @@ def export_effc(folder: Path, ir: IR, state: State, info: ModelInfo, merge: bool
         "model": info.name, "family": info.family, "config": config, "merged": merge,
         "adapters": [] if merge else adapters, "merged_adapters": adapters if merge else [],
         "uses": [] if merge else adapter_uses(info, ir),
+        "edits": edit_uses(edits, merge),
         "files": sorted(p.name for p in folder.iterdir())})
     return adapters
 

@@ -42,6 +42,7 @@ from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, IRError, Op
 from effc.compiler.to_fx import add_positions, add_type0, embedding_adapters, fx_name
 from effc.kernels.attention import attention
+from effc.kernels.quant import packed_linear
 from effc.kernels.rmsnorm import rms_norm
 from effc.kernels.rotary import rotary, rotary_tables
 from effc.kernels.swiglu import swiglu
@@ -130,7 +131,11 @@ class Decoder:
             h = x[0]
             for m, v in zip(adapters, x[1:]):
                 h = kind_of(m).before(self.eager, m, v, h)
-            y = F.linear(h, *w)
+            if a.quant:  # the packed tensors, then the bias (effc.kernels.quant)
+                k = sum(q.quantized for q in n.params)
+                y = packed_linear(h, a.quant, a.group, a.double_quant, w[:k], w[k] if a.bias else None)
+            else:
+                y = F.linear(h, *w)
             for m, v in zip(adapters, x[1:]):
                 y = kind_of(m).after(self.eager, m, v, y)
             return y
@@ -470,7 +475,7 @@ def _load_export(folder: Path) -> Loaded:
                             "the file is damaged: export the model again") from None
     records = meta.get("adapters") or []
     try:
-        ir, _ = run_passes(lower_arch(arch, None), PASSES, PassContext(_adapter_uses(meta, records)))
+        ir, _ = run_passes(lower_arch(arch, None), PASSES, PassContext(_adapter_uses(meta, records), _edit_uses(meta)))
     except (InternalError, IRError, KeyError, TypeError, ValueError):  # an adapter the model cannot hold
         ir = None
     if ir is None or {n.id for n in ir.nodes() if n.op in ADAPTERS} != {r.get("node") for r in records}:
@@ -480,6 +485,19 @@ def _load_export(folder: Path) -> Loaded:
     if records:
         state.update(_tensors(folder / "adapters.safetensors"))
     return _loaded(ir, arch.seq, state, folders, f"export {folder}")
+
+
+def _edit_uses(meta: dict) -> tuple:
+    """effc.json's share, prune and quantize statements (`edits`, in order) -> the EditUse
+    list the passes read (an export without them is an uncompressed model)."""
+    from effc.lang.check import EditUse
+
+    try:
+        return tuple(EditUse(e["verb"], e["technique"], tuple(e["paths"]), None, dict(e["args"]))
+                     for e in meta.get("edits") or [])
+    except (KeyError, TypeError) as e:
+        raise GenerateError(f"effc.json's compression statements are damaged: {e!r}",
+                            "export the model again") from None
 
 
 def _adapter_uses(meta: dict, records: list) -> tuple:
@@ -492,7 +510,7 @@ def _adapter_uses(meta: dict, records: list) -> tuple:
         raise GenerateError("effc.json lists adapters but not the adapt statements that made them",
                             "the export was written by an older effc: export the model again")
     try:
-        return tuple(AdapterUse(u["technique"], "shared", frozenset(u["paths"]), None, dict(u["args"]))
+        return tuple(AdapterUse(u["technique"], u.get("scope", "shared"), frozenset(u["paths"]), None, dict(u["args"]))
                      for u in uses or [])
     except (KeyError, TypeError) as e:
         raise GenerateError(f"effc.json's adapt statements are damaged: {e!r}",

@@ -162,6 +162,7 @@ class _Run:
         # model -> linear path -> original weight minus its shared block's: what per-loop
         # adapters start from (runtime.compress.share), until they exist
         self.residuals: dict[str, dict] = {}
+        self.choices: dict[str, list] = {}  # "line:col" of a drop_sublayers statement -> the layers it dropped
         self.stage_dirs: dict[str, Path] = {}
         self.stop = _Stop()
         self.summary = Summary()
@@ -406,6 +407,7 @@ class _Run:
         done = folder / "done.json"
         if _done_key(done) == key:
             self.rep.stage(stage.name, cached=True)
+            self.restore_choices(folder)
             for f in sorted((folder / "models").glob("*.safetensors")):
                 self.states[f.stem] = self._read(f)
             self.summary.stages.append({"stage": stage.name, "cached": True})
@@ -482,6 +484,19 @@ class _Run:
         self.summary.stages.append({"stage": stage, "train": model, "loss": res["loss"], "steps": spec.steps,
                                     "tokens": res["tokens"], "seconds": res["seconds"]})
 
+    def restore_choices(self, folder: Path) -> None:
+        """A cached stage's run-time choices (which sublayers drop_sublayers removed): the
+        IR of every later statement depends on them."""
+        try:
+            choices = json.loads((folder / "choices.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        for info in self.r.models.values():
+            for e in info.edits:
+                if _at(e.span) in choices:
+                    e.args["dropped"] = choices[_at(e.span)]
+                    self.choices[_at(e.span)] = choices[_at(e.span)]
+
     def compress(self, stage: str, step: Step) -> None:
         """share, prune, quantize: the model's state rewritten to match its IR after the
         statement (effc.runtime.compress), with calibration data where the method reads it."""
@@ -489,12 +504,18 @@ class _Run:
         ir, gm, _ = self.graph(model, step.span, self.current(model), 0)
         state = state_of(gm, ir)
         stats = None
-        if e.args.get("calibrate") is not None and (e.technique == "wanda" or e.args.get("method") == "gptq"):
-            ref = e.args["calibrate"]
-            stats = C.calibrate(gm, ir, list(e.paths), self.split(ref), self.dataset(ref).seq, e.args["samples"],
-                                hessian=e.verb == "quantize")
+        ref = e.args.get("calibrate")
+        if ref is not None and (e.technique == "wanda" or e.args.get("method") == "gptq"):
+            stats = C.calibrate(gm, ir, [p for p in e.paths if p in ir], self.split(ref), self.dataset(ref).seq,
+                                e.args["samples"], hessian=e.verb == "quantize")
         t0 = time.perf_counter()
-        if e.verb == "share":
+        if e.technique == "drop_sublayers":
+            sims = C.sublayer_similarity(gm, ir, list(e.paths), e.args["kind"], self.split(ref),
+                                         self.dataset(ref).seq, e.args["samples"])
+            done = C.drop_sublayers(e, state, sims)
+            self.choices[_at(step.span)] = e.args["dropped"]
+            atomic_write_json(self.stage_dirs[stage] / "choices.json", self.choices)
+        elif e.verb == "share":
             done = C.share(e, state)
             self.residuals[model] = done.residuals
         elif e.verb == "prune":
@@ -576,7 +597,8 @@ class _Run:
                 elif fmt == "peft":
                     adapters = export_peft(tmp, ir, state, info, self.source_of(model), target)
                 else:
-                    adapters = E.export_effc(tmp, ir, state, info, merge, self.r.program.name or self.file.stem)
+                    edits = [e for e in info.edits if until is None or (e.span.line, e.span.col) < (until.line, until.col)]
+                    adapters = E.export_effc(tmp, ir, state, info, merge, self.r.program.name or self.file.stem, edits)
             except (E.ExportError, PeftError) as e:
                 self.fail("E0504", e.message, step.span, e.hint)
             if target.exists():
@@ -602,6 +624,10 @@ def adapter_args(info, ir) -> dict:
     """Adapter node id -> its technique's checked arguments (its initialisation reads
     them): a node's id ends in the number of the adapt statement that made it."""
     return {n.id: info.adapters[adapter_index(n.id)].args for n in ir.nodes() if n.op in ADAPTERS}
+
+
+def _at(span: Span) -> str:
+    return f"{span.line}:{span.col}"
 
 
 def _done_key(done: Path) -> str | None:

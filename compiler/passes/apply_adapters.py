@@ -25,6 +25,8 @@ def apply_kind(kind: AdapterKind, ir: IR, ctx: PassContext) -> tuple[IR, int]:
             continue
         targets = []
         for path in sorted(use.paths):
+            if kind.target(ir, path) not in ir:
+                continue  # in a sublayer that drop_sublayers removed: nothing left to adapt
             target = ir.node(kind.target(ir, path))
             if target.op not in kind.target_ops:
                 raise IRError(f"{kind.name} target '{target.id}' is a {target.op.value}, which {kind.name} "

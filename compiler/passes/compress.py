@@ -1,4 +1,5 @@
-"""share_layers, share_adapters, prune_weights, quantize_linear: the compression edits.
+"""share_layers, prune_structure, drop_sublayers, share_adapters, prune_weights,
+quantize_linear: the compression edits.
 
 Each reads the model's `share`, `prune` and `quantize` statements declared so far
 (`PassContext.edits`, checked for order by `effc.lang.compress`) and rewrites param
@@ -12,6 +13,8 @@ themselves change at run time (`effc.runtime.compress`), when the statement exec
 - share_adapters: a shared-scope adapter on a shared layer is tied to the same
   statement's adapter on the block, so the loops share it; a per-loop one
   (`per_loop=true`) keeps its own params.
+- prune_structure, drop_sublayers: removed heads, channels and whole sublayers leave the
+  IR (see each pass).
 - prune_weights: a pruned weight stays dense, with storage "sparse(50%)" or
   "sparse(2:4)": its zeros are kept through later training and merges.
 - quantize_linear: a quantized LINEAR holds the packed tensors of its scheme instead of
@@ -99,7 +102,7 @@ def prune_structure(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     for e in ctx.edits:
         if e.verb != "prune" or e.technique not in ("heads", "channels"):
             continue
-        for p in e.paths:
+        for p in [p for p in e.paths if f"{p}.core" in ir or f"{p}.down" in ir]:  # not a dropped one
             if e.technique == "heads":
                 core = node(f"{p}.core").attrs
                 n = round(e.args["fraction"] * core.kv_heads)
@@ -123,6 +126,39 @@ def prune_structure(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     return ir.with_nodes(updated.values()), len(updated)
 
 
+def dropped_layers(edit) -> list[str]:
+    """The layers whose sublayer a drop_sublayers statement removes: what the run chose
+    (`args["dropped"]`, set when the statement executes), else the last `count` selected
+    layers, which cost exactly the same (every block has one shape) until the run decides."""
+    return edit.args.get("dropped") or list(edit.paths[-edit.args["count"]:])
+
+
+@register("drop_sublayers", after=("prune_structure",))
+def drop_sublayers(ir: IR, ctx: PassContext) -> tuple[IR, int]:
+    """A dropped sublayer's nodes (its norm, its ops, its residual add) leave the graph;
+    whatever read the residual add reads the block's stream before it."""
+    gone: dict[str, str] = {}  # removed residual add -> the stream it added to
+    removed: set[str] = set()
+    for e in ctx.edits:
+        if e.technique != "drop_sublayers":
+            continue
+        k = e.args["kind"]
+        for layer in dropped_layers(e):
+            add = f"{layer}.{k}_residual"
+            gone[add] = ir.inputs(add)[0]
+            removed |= {n.id for n in ir.nodes() if n.id.startswith((f"{layer}.{k}.", f"{layer}.{k}_"))}
+    if not removed:
+        return ir, 0
+
+    def stream(id: str) -> str:
+        while id in gone:
+            id = gone[id]
+        return id
+
+    edges = [(stream(a), b, port) for a, b, port in ir.edges() if b not in removed and (a not in removed or a in gone)]
+    return IR.build([n for n in ir.nodes() if n.id not in removed], edges), len(removed)
+
+
 def sparse_storage(args: dict, technique: str) -> str:
     if args.get("n") is not None:
         return f"sparse({args['n']}:{args['m']})"
@@ -134,8 +170,8 @@ def sparse_storage(args: dict, technique: str) -> str:
 def prune_weights(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     storage: dict[str, str] = {}
     for e in ctx.edits:
-        if e.verb == "prune" and e.technique not in ("heads", "channels"):
-            for path in e.paths:
+        if e.verb == "prune" and e.technique not in ("heads", "channels", "drop_sublayers"):
+            for path in [p for p in e.paths if p in ir]:  # a dropped sublayer's weights are gone
                 w = ir.node(path).params[0]
                 storage[w.tied_to or w.path] = sparse_storage(e.args, e.technique)
     # a loop of a shared block keeps storage "shared": the block's own record says sparse
@@ -158,7 +194,7 @@ def quantize_linear(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     updated = {}
     for e in ctx.edits:
         if e.verb == "quantize":
-            for path in e.paths:
+            for path in [p for p in e.paths if p in ir]:
                 n = ir.node(path)
                 if n.op is Op.LINEAR and not n.attrs.quant:
                     updated[path] = quantize_node(n, e.technique, e.args)

@@ -260,3 +260,27 @@ def test_structured_pruning_equals_zeroing_the_removed_units(body, drop):
     from effc.compiler.cost import estimate
     held = sum(t.numel() for t in done.state.values())
     assert held == estimate(after, 2, SEQ).params_total < estimate(before, 2, SEQ).params_total
+
+
+def test_dropped_sublayers_equal_zeroed_branches_and_are_the_most_similar(tmp_path):
+    from effc.runtime.data import load_data
+    r = program("    prune m.layers[*] with drop_sublayers(kind=attn, count=2, calibrate=d, samples=4)\n")
+    drop, tr = steps(r)
+    before, _ = model_ir(r, "m", drop.span)
+    state = fresh_state(r, drop.span)
+    gm, _ = materialize(before, SEQ, state, 0)
+    data = load_data("markov", r.data["d"].args, tmp_path)
+    sims = C.sublayer_similarity(gm, before, list(drop.edit.paths), "attn", data.train, SEQ, 4)
+    done = C.drop_sublayers(drop.edit, state, sims)
+    dropped = drop.edit.args["dropped"]
+    assert len(dropped) == 2 and sorted(sims, key=sims.get)[-2:] == sorted(dropped, key=sims.get)
+    after, _ = model_ir(r, "m", tr.span)  # reads the choice
+    assert all(f"{layer}.attn.q" not in after and f"{layer}.attn_norm" not in after for layer in dropped)
+    small, fresh = materialize(after, SEQ, done.state, 0)
+    assert fresh == []
+    zeroed = dict(state)
+    for layer in dropped:  # a branch that adds zero leaves the stream as it was
+        zeroed[f"{layer}.attn.o.weight"] = torch.zeros_like(state[f"{layer}.attn.o.weight"])
+    big, _ = materialize(before, SEQ, zeroed, 0)
+    x, y = tokens()
+    torch.testing.assert_close(small(x, y), big(x, y), rtol=1e-6, atol=1e-5)

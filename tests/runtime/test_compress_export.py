@@ -127,3 +127,13 @@ def test_merge_of_snapshots_is_the_merge_of_their_states(run):
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+
+def test_generate_rebuilds_the_compressed_export_and_its_decoder_equals_the_graph(run):
+    from effc.runtime.generate import load
+    folder, r = run
+    want, _ = _effc_logits(r, folder)  # the fx graph's logits over 32 tokens
+    x = _tokens()
+    dec = load(folder / "out" / "effc").decoder
+    torch.testing.assert_close(dec.step(x[:, :31]), want[:, :31], rtol=1e-5, atol=1e-5)  # the prompt
+    torch.testing.assert_close(dec.step(x[:, 31:]), want[:, 31:], rtol=1e-5, atol=1e-5)  # one cached step
