@@ -486,10 +486,7 @@ class _Checker:
             if model and opts is not None:
                 return Step("export", _ref(stmt.model), opts, stmt.span, path=stmt.path.value)
         elif isinstance(stmt, ast.Tie):
-            a, b = self.selector(stmt.target), self.selector(stmt.source)
-            if a is not None and b is not None:
-                self.err("E0302", "'tie' is not available in this version", stmt.span,
-                         f"it comes with {R.PLANNED_STATEMENTS['tie']}")
+            return self.tie(stmt)
         else:
             verb = {ast.Adapt: "adapt", ast.Share: "share", ast.Prune: "prune", ast.Quantize: "quantize"}[type(stmt)]
             return self.technique(stmt, verb)
@@ -659,6 +656,42 @@ class _Checker:
             self.adapter(stmt, checked, targets)
             return None
         return self.edit(stmt, verb, checked, targets)
+
+    def tie(self, stmt: ast.Tie) -> Step | None:
+        """`tie A with B`: every param of each selected module of A reads the param at the
+        same place in the matching module of B (pairs in selection order), which must
+        have the same structure and shapes."""
+        a, b = self.selector(stmt.target), self.selector(stmt.source)
+        if a is None or b is None:
+            return None
+        if stmt.target.model.name != stmt.source.model.name:
+            self.err("E0309", "tie shares weights within one model, and the two selections name different models",
+                     stmt.source.span, f"select both in '{stmt.target.model.name}'")
+            return None
+        if len(a) != len(b):
+            self.err("E0309", f"the first selection holds {len(a)} modules and the second {len(b)}: tie pairs them "
+                     "in order", stmt.source.span, "select as many modules on each side")
+            return None
+        for x, y in zip(a, b):
+            if x.path == y.path or x.path.startswith(y.path + ".") or y.path.startswith(x.path + "."):
+                self.err("E0309", f"'{x.path}' and '{y.path}' overlap: a module cannot share its weights with itself",
+                         stmt.source.span, "tie two separate modules, such as layers[3] with layers[1]")
+                return None
+            if _shape(x.module) != _shape(y.module):
+                head = {x.module.kind, y.module.kind} == {"linear", "embedding"}
+                self.err("E0309", f"'{x.path}' and '{y.path}' are not congruent: their modules or weight shapes "
+                         "differ", stmt.source.span,
+                         "a head reads the embedding's matrix when the model is declared with tied=true" if head
+                         else "tie modules of one kind and size")
+                return None
+        model = self.models[stmt.target.model.name]
+        use = EditUse("tie", "tie", tuple(x.path for x in a), stmt.span, {"source": [y.path for y in b]})
+        problem = edit_problem(model, use)
+        if problem:
+            self.err("E0210", problem[0], stmt.target.span, problem[1])
+            return None
+        model.edits.append(use)
+        return Step("tie", Ref("model", model.name), use.args, stmt.span, edit=use)
 
     def edit(self, stmt, verb: str, checked: CallValue, targets: list[Selected]) -> Step | None:
         """A one-shot change (share, prune, quantize): its order against the model's other
@@ -1282,6 +1315,11 @@ def _pair_data_problem(data: DataInfo, checkpoint: str | None) -> tuple[str, str
     kind = {"markov": "is a synthetic token stream", "jsonl": "holds chat records" if a.get("messages")
             else "is plain text"}.get(data.source, "is plain text")
     return kind, declare
+
+
+def _shape(m: Module) -> tuple:
+    """A module's structure: kinds, member names and weight shapes, recursively."""
+    return (m.kind, m.shape, tuple((n, _shape(c)) for n, c in m.children), tuple(_shape(i) for i in m.items))
 
 
 def _plural(kind: str) -> str:

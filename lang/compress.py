@@ -38,6 +38,8 @@ def _layer_of(path: str) -> str | None:
 def edit_problem(model, use) -> tuple[str, str] | None:
     if use.verb == "share":
         return _share_problem(model, use)
+    if use.verb == "tie":
+        return _tie_problem(model, use)
     tied = model.arch is not None and model.arch.tied and "head" in use.paths
     if tied:
         return (f"the head of '{model.name}' is tied to its embedding, so it cannot be {use.verb}d on its own",
@@ -149,4 +151,25 @@ def _drop_problem(model, use) -> tuple | None:
         if changed:
             return (f"'{changed[0][0]}' was changed at line {changed[0][1]}, and the sublayer holding it may be "
                     "dropped", "drop sublayers before adapting, pruning or quantizing them")
+    return None
+
+
+def tied_paths(model) -> dict[str, int]:
+    """Module paths on either side of an earlier tie -> its line."""
+    return {p: e.span.line for e in model.edits if e.verb == "tie" for p in (*e.paths, *e.args["source"])}
+
+
+def _tie_problem(model, use) -> tuple[str, str] | None:
+    """Tying, like sharing, replaces whole modules: it comes before anything changes them,
+    and a module is tied (or shared) once."""
+    taken = {**shared_layers(model), **tied_paths(model)}
+    for p in (*use.paths, *use.args["source"]):
+        overlap = [(q, line) for q, line in taken.items() if q == p or q.startswith(p + ".") or p.startswith(q + ".")]
+        if overlap:
+            return (f"'{p}' already shares its weights (line {overlap[0][1]})", "tie or share each module once")
+        changed = [(q, e.span.line) for e in model.edits for q in e.paths if q == p or q.startswith(p + ".")]
+        changed += [(q, a.span.line) for a in model.adapters for q in a.paths if q == p or q.startswith(p + ".")]
+        if changed:
+            return (f"'{changed[0][0]}' was changed at line {changed[0][1]}, and tying replaces whole modules",
+                    "tie modules before adapting, pruning or quantizing them")
     return None

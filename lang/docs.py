@@ -70,8 +70,9 @@ def generate() -> str:
     out += ["### Statement options", ""]
     for name, e in R.STATEMENTS.items():
         out += [f"#### `{name}`", "", e.doc, ""] + _entry_table(e)
-    out += ["Statements not available in this version: "
-            + ", ".join(f"`{n}` ({why})" for n, why in R.PLANNED_STATEMENTS.items()) + ".", ""]
+    if R.PLANNED_STATEMENTS:
+        out += ["Statements not available in this version: "
+                + ", ".join(f"`{n}` ({why})" for n, why in R.PLANNED_STATEMENTS.items()) + ".", ""]
     out += ["Data splits: " + ", ".join(f"`{s}`" for s in R.DATA_SPLITS) + ".", ""]
     out += ["### Diagnostic codes", "", "`effc explain CODE` prints the explanation.", "",
             "| code | title | explanation |", "|---|---|---|"]

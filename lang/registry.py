@@ -614,7 +614,7 @@ TECHNIQUES: dict[str, Registry] = {
 CALLABLES: dict[str, Registry] = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
 
 # Statements whose implementation has not landed (all their operands are still checked).
-PLANNED_STATEMENTS: dict[str, str] = {"tie": _COMPRESS}
+PLANNED_STATEMENTS: dict[str, str] = {}
 
 # ---------------------------------------------------------------- statement options
 

@@ -182,6 +182,15 @@ def share(edit, state: State) -> Outcome:
     return Outcome(out, line, {"layers": n, "blocks": k, "init": init}, residuals)
 
 
+def tie(edit, state: State) -> Outcome:
+    """`tie A with B`: A's params leave the state; from now on A reads B's."""
+    gone = tuple(f"{p}." for p in edit.paths)
+    out = {p: t for p, t in state.items() if not p.startswith(gone)}
+    pairs = ", ".join(f"{a} -> {b}" for a, b in zip(edit.paths, edit.args["source"]))
+    line = f"  tied {pairs}: {sum(t.numel() for t in state.values()) - sum(t.numel() for t in out.values()):,} params fewer"
+    return Outcome(out, line, {"tied": list(edit.paths), "to": list(edit.args["source"])})
+
+
 def prune_structure(edit, ir: IR, state: State) -> Outcome:
     """heads / channels: per selected attention (MLP), the lowest-scoring kv groups
     (channels) by weight magnitude (runtime.prune.head_scores, channel_scores) leave its

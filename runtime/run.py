@@ -515,6 +515,8 @@ class _Run:
             done = C.drop_sublayers(e, state, sims)
             self.choices[_at(step.span)] = e.args["dropped"]
             atomic_write_json(self.stage_dirs[stage] / "choices.json", self.choices)
+        elif e.verb == "tie":
+            done = C.tie(e, state)
         elif e.verb == "share":
             done = C.share(e, state)
             self.residuals[model] = done.residuals

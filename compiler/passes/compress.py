@@ -9,7 +9,8 @@ themselves change at run time (`effc.runtime.compress`), when the statement exec
 - share_layers (Bae et al. 2024, Relaxed Recursive Transformers): N consecutive layers
   become K blocks, layer i using block i mod K; the first K layers hold the blocks, and
   every param of a later layer is tied to its block's (storage "shared"), so it is
-  stored once, counted once and its gradient is the sum over its uses.
+  stored once, counted once and its gradient is the sum over its uses. `tie A with B`
+  ties A's params to B's the same way.
 - share_adapters: a shared-scope adapter on a shared layer is tied to the same
   statement's adapter on the block, so the loops share it; a per-loop one
   (`per_loop=true`) keeps its own params.
@@ -42,19 +43,25 @@ def _layer(path: str) -> tuple[str, int] | None:
 
 @register("share_layers")
 def share_layers(ir: IR, ctx: PassContext) -> tuple[IR, int]:
-    block_of: dict[str, str] = {}  # layer path -> the layer path holding its block
+    block_of: dict[str, str] = {}  # module path -> the module holding its params (a block, a tie's source)
     for e in ctx.edits:
-        if e.verb != "share":
-            continue
-        first, k = _layer(e.paths[0])[1], e.args["blocks"]
-        for j in range(k, len(e.paths)):
-            block_of[f"layers[{first + j}]"] = f"layers[{first + j % k}]"
+        if e.verb == "share":
+            first, k = _layer(e.paths[0])[1], e.args["blocks"]
+            for j in range(k, len(e.paths)):
+                block_of[f"layers[{first + j}]"] = f"layers[{first + j % k}]"
+        if e.verb == "tie":  # `tie A with B`: A's params read B's, module by module
+            block_of.update(zip(e.paths, e.args["source"]))
+
+    def owner(path: str) -> str | None:
+        """The tied or looped module a param path lies in (the longest match)."""
+        hits = [m for m in block_of if path.startswith(m + ".")]
+        return max(hits, key=len) if hits else None
 
     def tie(p: ParamRecord) -> ParamRecord:
-        at = _layer(p.path)
-        if at is None or at[0] not in block_of or p.tied_to:
+        m = owner(p.path)
+        if m is None or p.tied_to:
             return p
-        return replace(p, tied_to=block_of[at[0]] + p.path[len(at[0]):], storage="shared")
+        return replace(p, tied_to=block_of[m] + p.path[len(m):], storage="shared")
 
     return ir.map_params(tie)
 

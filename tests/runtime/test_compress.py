@@ -284,3 +284,28 @@ def test_dropped_sublayers_equal_zeroed_branches_and_are_the_most_similar(tmp_pa
     big, _ = materialize(before, SEQ, zeroed, 0)
     x, y = tokens()
     torch.testing.assert_close(small(x, y), big(x, y), rtol=1e-6, atol=1e-5)
+
+
+def test_tie_makes_a_module_read_another_ones_params():
+    r = program("    tie m.layers[3].mlp with m.layers[1].mlp\n    tie m.layers[2].attn.q with m.layers[0].attn.q\n")
+    t1, t2, tr = steps(r)
+    before, _ = model_ir(r, "m", t1.span)
+    after, _ = model_ir(r, "m", tr.span)
+    p = {q.path: q for q in after.params()}
+    assert p["layers[3].mlp.down.weight"].tied_to == "layers[1].mlp.down.weight"
+    assert p["layers[2].attn.q.weight"].tied_to == "layers[0].attn.q.weight"
+    assert p["layers[2].attn.k.weight"].tied_to is None
+    state = fresh_state(r, t1.span)
+    out = C.tie(t2.edit, C.tie(t1.edit, state).state).state
+    copies = dict(out)
+    for k, v in out.items():
+        if k.startswith("layers[1].mlp."):
+            copies["layers[3]" + k[len("layers[1]"):]] = v
+    copies["layers[2].attn.q.weight"] = out["layers[0].attn.q.weight"]
+    a, fresh = materialize(after, SEQ, out, 0)
+    assert fresh == []
+    b, _ = materialize(before, SEQ, copies, 0)
+    x, y = tokens()
+    torch.testing.assert_close(a(x, y), b(x, y), rtol=1e-6, atol=1e-6)
+    from effc.compiler.cost import estimate
+    assert estimate(after, 2, SEQ).params_total == estimate(before, 2, SEQ).params_total - 3 * 32 * 64 - 32 * 32
