@@ -757,7 +757,7 @@ class _Checker:
             return
         scope = "per_loop" if checked.args.get("per_loop") else "shared"
         paths = frozenset(t.path for t in targets)
-        problem = adapter_problem(model, checked.name, scope, paths)
+        problem = adapter_problem(model, checked.name, scope, paths, checked.args)
         if problem:
             self.err("E0210", problem[0], stmt.target.span, problem[1])
             return

@@ -56,6 +56,8 @@ def edit_problem(model, use) -> tuple[str, str] | None:
                     f"{what}: a quantized weight is stored packed and never changes again")
         for a in model.adapters:
             why = (DENSE_READERS if use.verb == "quantize" else IN_PLACE).get(a.technique)
+            if use.verb == "quantize" and a.args.get("sparse_delta"):
+                why = "its sparse_delta update reads the dense weight's zeros"
             if why and p in a.paths:
                 return (f"'{p}' has a {a.technique} adapter (line {a.span.line}), and {why}",
                         f"{use.verb} the weights without it, or adapt them with lora")
@@ -80,7 +82,8 @@ def _share_problem(model, use) -> tuple[str, str] | None:
     return None
 
 
-def adapter_problem(model, technique: str, scope: str, paths: frozenset[str]) -> tuple[str, str] | None:
+def adapter_problem(model, technique: str, scope: str, paths: frozenset[str], args: dict | None = None
+                    ) -> tuple[str, str] | None:
     if scope == "per_loop":
         shared = shared_layers(model)
         alone = sorted(p for p in paths if _layer_of(p) not in shared)
@@ -93,7 +96,17 @@ def adapter_problem(model, technique: str, scope: str, paths: frozenset[str]) ->
         if why and p in quantized:
             return (f"'{p}' was quantized at line {quantized[p]}, and {technique} cannot sit on a quantized weight: "
                     f"{why}", "adapt quantized weights with lora (QLoRA), or adapt before quantizing")
-    pruned = _touched(model, "prune")
+    pruned = {p: line for e in model.edits if e.verb == "prune" and e.technique in ("magnitude", "nm", "wanda")
+              for p, line in [(q, e.span.line) for q in e.paths]}
+    if (args or {}).get("sparse_delta"):
+        dense = sorted(p for p in paths if p not in pruned)
+        packed = sorted(p for p in paths if p in _touched(model, "quantize"))
+        if packed:
+            return (f"sparse_delta=true reads the pruned weight's zeros, and '{packed[0]}' is quantized",
+                    "adapt with sparse_delta before quantizing, or leave it out")
+        if dense:
+            return (f"sparse_delta=true keeps a pruned weight's zeros, and '{dense[0]}' was not pruned",
+                    "prune the weights first (magnitude, nm or wanda), or leave sparse_delta out")
     for p in sorted(paths):
         if technique in IN_PLACE and p in pruned:
             return (f"'{p}' was pruned at line {pruned[p]}, and {technique} cannot keep its zeros: "

@@ -350,6 +350,8 @@ ADAPTERS = Registry("adapter", {
               "singular part (scaled by r/alpha) and the frozen weight keeps the rest (Meng et al. 2024, PiSSA, "
               "arXiv:2404.02948)"),
         _RSLORA,
+        Param("sparse_delta", BoolT(), False, "on a pruned weight, train the update masked by the weight's "
+              "zeros, so merging keeps the sparsity exactly (a dense out x in update is formed each step)"),
         Param("per_loop", BoolT(), False, "one adapter per layer of a shared block, initialised from the truncated "
               "SVD of the difference between the original layer and its block (Relaxed Recursive Transformers)"),
     ), "Low-rank adaptation: a frozen weight W plus a trained low-rank update (alpha/r)·B·A.",

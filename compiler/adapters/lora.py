@@ -9,7 +9,10 @@ arXiv:2404.02948): with W = U diag(S) V^T, A = diag(sqrt(S_r / s)) V_r^T and
 B = U_r diag(sqrt(S_r / s)), so that s B A is W's top-r singular part, and the frozen
 weight becomes the residual W - s B A: the model starts where it was, and training
 moves the principal directions (PEFT's init_lora_weights="pissa", computed here in
-float64). Merge: W + s B A. Cost: saves its input (with dropout, the dropped copy and a
+float64). sparse_delta=true, on a pruned weight, trains the update s (B A ⊙ M), M the
+weight's nonzeros, so the merged weight keeps its sparsity exactly: the graph forms the
+(out, in) update each step and multiplies by it (its cost is shown as such). Merge:
+W + s B A. Cost: saves its input (with dropout, the dropped copy and a
 1-byte mask when the input needs a gradient) and the rank-r intermediate A x, both
 needed for the A and B gradients.
 """
@@ -33,6 +36,7 @@ class LoraAttrs:
     dropout: float
     target: str  # id of the LINEAR node the update is added to
     rslora: bool = False
+    sparse_delta: bool = False  # the update is masked by the (pruned) target weight's zeros
 
     @property
     def scale(self) -> float:
@@ -42,6 +46,12 @@ class LoraAttrs:
 def lora_update(x, A, B, scale: float):
     """The reference: scale · x A^T B^T, (..., in) -> (..., out)."""
     return (x @ A.T) @ B.T * scale
+
+
+def masked_delta(B, A, W, scale: float):
+    """sparse_delta: the update matrix scale · B A with the pruned weight's zeros kept,
+    (out, in); the reference is (scale * B @ A) * (W != 0)."""
+    return (B @ A).mul_(W != 0).mul_(scale)
 
 
 def low_rank(b, node: Node, x, scale: float, A: int = 0, B: int = 1):
@@ -114,7 +124,8 @@ class Lora(AdapterKind):
         t = target.attrs
         rank = args["rank"]
         alpha = args.get("alpha") or rank  # the checker fills alpha=rank; hand-built uses may not
-        attrs = LoraAttrs(rank, float(alpha), float(args.get("dropout", 0.0)), target.id, bool(args.get("rslora")))
+        attrs = LoraAttrs(rank, float(alpha), float(args.get("dropout", 0.0)), target.id, bool(args.get("rslora")),
+                          bool(args.get("sparse_delta")))
         params = (adapter_param(id, "A", (rank, t.in_features)), adapter_param(id, "B", (t.out_features, rank)))
         return Node(id, Op.LORA, attrs, params, span, target.shape)
 
@@ -123,23 +134,50 @@ class Lora(AdapterKind):
         return ("B", "T", t.out_features), [(a.rank, t.in_features), (t.out_features, a.rank)]
 
     def lower(self, b, node, x):
-        return low_rank(b, node, x, node.attrs.scale)
+        a = node.attrs
+        if not a.sparse_delta:
+            return low_rank(b, node, x, a.scale)
+        h = b.dropout(node, a.dropout, x) if a.dropout else x
+        w = b.param(b.ir.node(a.target), 0)
+        return b.linear(h, b.call(masked_delta, b.param(node, 1), b.param(node, 0), w, a.scale))
 
     def init(self, node, leaf, t, g, args, base):
         return low_rank_init(node, leaf, t, g, args, base)
 
     def merge(self, node, params, weight, bias):
         a = node.attrs
-        return weight + a.scale * (params["B"].double() @ params["A"].double()).to(weight.dtype), bias
+        delta = params["B"].double() @ params["A"].double()
+        if a.sparse_delta:  # what the graph trained: the update on the kept weights only
+            delta = delta * (weight != 0)
+        return weight + (a.scale * delta).to(weight.dtype), bias
 
     def saved(self, ir, node, rg):
+        if node.attrs.sparse_delta:  # x for the update's gradient (and dropout's copy and mask)
+            x = ir.node(ir.inputs(node.id)[0])
+            if node.attrs.dropout:
+                return set(), x.shape[-1] * (4 + MASK_BYTES * rg[x.id])
+            return {x.id}, 0
         return low_rank_saved(ir, node, rg)
 
+    def saved_per_step(self, ir, node, rg):
+        """sparse_delta: the masked (out, in) update and the weight's 1-byte mask, kept for
+        backward once a step."""
+        if not node.attrs.sparse_delta:
+            return 0
+        t = ir.node(node.attrs.target).attrs
+        return t.in_features * t.out_features * (4 + MASK_BYTES)
+
     def forward_temporaries(self, ir, node):
-        return node.shape[-1]  # B(Ax) before scaling
+        return node.shape[-1]  # B(Ax) before scaling, or the masked update's output
 
     def flops(self, ir, node, rg):
-        return low_rank_flops(ir, node, rg)
+        if not node.attrs.sparse_delta:
+            return low_rank_flops(ir, node, rg)
+        # per token a dense (out, in) matmul, and backward the update's gradient and x's;
+        # forming B A (2 r out in) happens once a micro-batch, not per token
+        t = ir.node(node.attrs.target).attrs
+        w = t.in_features * t.out_features
+        return 2 * w, 2 * w + 2 * w * rg[ir.inputs(node.id)[0]]
 
 
 register(Lora())

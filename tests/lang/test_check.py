@@ -46,7 +46,7 @@ def test_adapter_targets_expand_containers_to_linear_layers():
     assert r.ok, codes(r)
     (use,) = r.models["tiny"].adapters
     assert use.paths == {f"layers[2].attn.{n}" for n in "qkvo"}
-    assert use.args == {"rank": 8, "alpha": 8.0, "dropout": 0.0, "init": "kaiming", "rslora": False, "per_loop": False}
+    assert use.args == {"rank": 8, "alpha": 8.0, "dropout": 0.0, "init": "kaiming", "rslora": False, "sparse_delta": False, "per_loop": False}
 
 
 def test_any_depth_and_kind_filter_select_every_linear():

@@ -309,3 +309,33 @@ def test_tie_makes_a_module_read_another_ones_params():
     torch.testing.assert_close(a(x, y), b(x, y), rtol=1e-6, atol=1e-6)
     from effc.compiler.cost import estimate
     assert estimate(after, 2, SEQ).params_total == estimate(before, 2, SEQ).params_total - 3 * 32 * 64 - 32 * 32
+
+
+def test_sparse_delta_lora_trains_a_masked_update_and_merges_without_loss():
+    r = program("    prune m.layers[*].mlp.** with magnitude(sparsity=0.5)\n"
+                "    adapt m.layers[*].mlp.up with lora(rank=2, sparse_delta=true)\n")
+    prune, tr = steps(r)
+    ir0, _ = model_ir(r, "m", prune.span)
+    pruned = C.prune(prune.edit, ir0, fresh_state(r, prune.span), None).state
+    ir, _ = model_ir(r, "m", tr.span)
+    gm, _ = materialize(ir, SEQ, pruned, 0)
+    state = state_of(gm, ir)
+    state["layers[0].mlp.up.lora0.B"] = torch.randn(64, 2)
+    gm, _ = materialize(ir, SEQ, state, 0)
+    # reference: the dense model whose up weight is W + s (B A ⊙ M), the others as they are
+    A, B = state["layers[0].mlp.up.lora0.A"], state["layers[0].mlp.up.lora0.B"]
+    W = state["layers[0].mlp.up.weight"]
+    s = ir.node("layers[0].mlp.up.lora0").attrs.scale
+    plain, _ = model_ir(r, "m", prune.span)
+    ref_state = {k: v for k, v in state.items() if ".lora0." not in k}
+    ref_state["layers[0].mlp.up.weight"] = W + s * (B @ A) * (W != 0)
+    ref, _ = materialize(plain, SEQ, ref_state, 0)
+    x, y = tokens()
+    torch.testing.assert_close(gm(x, y), ref(x, y), rtol=1e-5, atol=1e-5)
+    dropped = {}
+    merged = merged_state(ir, state, dropped)
+    assert torch.equal(merged["layers[0].mlp.up.weight"] == 0, W == 0)
+    assert dropped["layers[0].mlp.up.weight"] == 0.0  # nothing of the update was masked away at merge
+    from effc.compiler.cost import estimate
+    base = estimate(model_ir(r, "m", tr.span)[0], 2, SEQ)
+    assert base.flops_forward_per_token > estimate(plain, 2, SEQ).flops_forward_per_token  # the dense update shows
