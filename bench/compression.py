@@ -203,13 +203,16 @@ def detail(rec: dict) -> str:
 # ------------------------------------------------------------------------------ setup
 
 
-def prepare(work: Path, minilm: Path | None) -> str:
+def prepare(work: Path, minilm: Path | None, fresh_docs: bool) -> str:
     """The files the generated .eff files read; returns the checkpoint path as they write it."""
     (work / "eff").mkdir(parents=True, exist_ok=True)
     (work / "docs").mkdir(exist_ok=True)
     (work / "data").mkdir(exist_ok=True)
-    # the quickstart's `reference` data, at the same relative path ("../docs/language.md")
-    shutil.copyfile(ROOT / "docs" / "language.md", work / "docs" / "language.md")
+    # the quickstart's `reference` data, at the same relative path ("../docs/language.md"):
+    # copied once (a later copy of a changed reference would retrain the pretrain stage),
+    # and again for --decoder-run, whose stage was keyed on the repository's file
+    if fresh_docs or not (work / "docs" / "language.md").exists():
+        shutil.copyfile(ROOT / "docs" / "language.md", work / "docs" / "language.md")
     shutil.copyfile(ROOT / "examples" / "data" / "pairs.jsonl", work / "data" / "pairs.jsonl")
     records = [json.loads(ln) for ln in (work / "data" / "pairs.jsonl").read_text(encoding="utf-8").splitlines()
                if ln.strip()]
@@ -240,6 +243,7 @@ def reference(work: Path, model: str, head: str, threads: int, seed_run: Path | 
         shutil.rmtree(run, ignore_errors=True)
         (run / "stages").mkdir(parents=True)
         shutil.copytree(src, run / "stages" / stage)
+    run.mkdir(parents=True, exist_ok=True)
     before = len(metrics(run))
     rc, seconds = effc_run(eff, run, threads, work / "runs" / model / "reference.log")
     if rc:
@@ -345,7 +349,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     work = args.work.resolve()
-    ckpt = prepare(work, args.minilm)
+    ckpt = prepare(work, args.minilm, args.decoder_run is not None)
     specs = {
         "decoder": ("tiny", "stdlib", DECODER_HEAD,
                     f"eval tiny on stdlib.validation (metrics=[loss, perplexity], against=tiny@pretrain, "

@@ -267,6 +267,12 @@ def _storage(ir: IR) -> tuple[tuple[str, str], ...]:
             q[1] += p.numel * DTYPE_BYTES[p.dtype]
     for storage, (n, b) in sorted(quant.items()):
         out.append((f"quantized {storage}", f"{n:,} weights in {_size(b)} (fp32 {_size(4 * n)}, {b / (4 * n):.3f}x)"))
+    qat: dict[str, int] = {}
+    for p in _stored(ir):
+        if p.storage.startswith("qat") and not p.path.endswith(".step"):
+            qat[p.storage] = qat.get(p.storage, 0) + p.numel
+    for storage, n in sorted(qat.items()):
+        out.append((storage, f"{n:,} weights fake-quantized while training (held fp32, with their steps)"))
     sparse: dict[str, int] = {}
     for p in _stored(ir):
         if p.storage.startswith("sparse"):

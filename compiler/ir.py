@@ -51,7 +51,7 @@ OUTPUTS = frozenset({Op.LOSS, Op.POOL})  # what a graph ends in
 # LINEAR; an adapter kind's cost hook counts its own (the low-rank kinds follow that rule).
 MATMULS = frozenset({Op.LINEAR}) | ADAPTERS
 
-QUANT_SCHEMES = ("int8", "int4", "nf4")
+QUANT_SCHEMES = ("int8", "int4", "nf4")  # packed storage; "qat" keeps a dense weight and a step
 ROLES = ("embedding", "attention", "mlp", "norm", "head", "adapter")
 BATCH, SEQ = "B", "T"
 Dim = Union[int, str]
@@ -155,6 +155,7 @@ class LinearAttrs:
     quant: str = ""
     group: int = 0
     double_quant: bool = False  # nf4: the block scales are themselves stored in 8 bits
+    bits: int = 0  # qat: the fake-quantized weight's bits (quant="qat": the weight stays dense)
 
 
 @dataclass(frozen=True)

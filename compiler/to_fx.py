@@ -150,6 +150,15 @@ def embedding_adapters(ir: IR, id: str, values: list) -> list:
     return sorted(pairs, key=lambda mv: kind_of(mv[0]).prefix(mv[0]) > 0)
 
 
+def qat_weight(w_OI: torch.Tensor, step_OG: torch.Tensor, bits: int, group: int, updates: tuple) -> torch.Tensor:
+    """QAT's weight: W plus each LoRA update s B A (L4Q, Jeon et al. 2024), fake-quantized
+    with the learned steps (LSQ, effc.kernels.quant.fake_quant_lsq). `updates` holds
+    (B, A, s) per adapter."""
+    for B, A, s in updates:
+        w_OI = w_OI + s * (B @ A)
+    return Q.fake_quant_lsq(w_OI, step_OG, bits, group)
+
+
 def _quantized_linear(g: fx.Graph, n: Node, x: fx.Node, weight) -> fx.Node:
     """x @ dequant(W).T (+ bias) through the scheme's effc op (effc.kernels.quant); the
     packed tensors are the node's params in packed_params' order, then the bias."""
@@ -237,8 +246,14 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             h = x[0]
             for m, v in zip(adapters, x[1:]):
                 h = kind_of(m).before(b, m, v, h)
-            y = _quantized_linear(g, n, h, weight) if a.quant else \
-                g.call_function(F.linear, (h, weight(n)) + ((weight(n, 1),) if a.bias else ()))
+            if a.quant == "qat":  # L4Q: the LoRA updates join the weight before it is fake-quantized
+                w = g.call_function(qat_weight, (weight(n), weight(n, 1), a.bits, a.group,
+                                                 tuple((weight(m, 1), weight(m, 0), m.attrs.scale) for m in adapters)))
+                y = g.call_function(F.linear, (h, w) + ((weight(n, 2),) if a.bias else ()))
+                adapters = []  # their own values (x-based) go unused: dead code, removed below
+            else:
+                y = _quantized_linear(g, n, h, weight) if a.quant else \
+                    g.call_function(F.linear, (h, weight(n)) + ((weight(n, 1),) if a.bias else ()))
             for m, v in zip(adapters, x[1:]):
                 y = kind_of(m).after(b, m, v, y)
         elif n.op in ADAPTERS:
@@ -278,6 +293,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         raise IRError(f"to_fx: the IR must end in exactly one loss or pool node, found {len(ends)}")
     if output == "loss":
         g.output(out[ends[0].id])
+    g.eliminate_dead_code()
     g.lint()
     gm = fx.GraphModule(root, g, class_name="EffcGraph")
     gm.meta["ir_nodes"] = names

@@ -52,8 +52,12 @@ def _widths(n: Node) -> tuple[list[int], int | None, list[tuple[int, ...]]]:
         return [a.dim], a.dim, [(a.dim,), (a.dim,)]
     if n.op is Op.LINEAR:
         bias = [(a.out_features,)] if a.bias else []
-        weight = [(a.out_features, a.in_features)] if not a.quant else [
-            p.shape for p in packed_params(n.id, a.out_features, a.in_features, a.quant, a.group, a.double_quant, "")]
+        weight = [(a.out_features, a.in_features)]
+        if a.quant == "qat":  # the dense weight and its step per (row, group)
+            weight.append((a.out_features, a.in_features // a.group))
+        elif a.quant:
+            weight = [p.shape for p in packed_params(n.id, a.out_features, a.in_features, a.quant, a.group,
+                                                    a.double_quant, "")]
         return [a.in_features], a.out_features, weight + bias
     if n.op in (Op.GELU, Op.POOL):
         return [a.dim], a.dim, []

@@ -55,6 +55,10 @@ def edit_problem(model, use) -> tuple[str, str] | None:
             return (f"'{p}' was quantized at line {quantized[p]}, which froze its values",
                     f"{what}: a quantized weight is stored packed and never changes again")
         for a in model.adapters:
+            if use.technique == "qat" and p in a.paths and (a.technique != "lora" or a.args.get("dropout")
+                                                           or a.args.get("sparse_delta")):
+                return (f"'{p}' has a {a.technique} adapter (line {a.span.line}), and qat folds only plain LoRA "
+                        "updates into the weight it quantizes (L4Q)", "adapt it with lora without dropout")
             why = (DENSE_READERS if use.verb == "quantize" else IN_PLACE).get(a.technique)
             if use.verb == "quantize" and a.args.get("sparse_delta"):
                 why = "its sparse_delta update reads the dense weight's zeros"
@@ -90,6 +94,11 @@ def adapter_problem(model, technique: str, scope: str, paths: frozenset[str], ar
         if alone:
             return (f"per_loop=true gives each loop of a shared block its own adapter, and '{alone[0]}' is in no "
                     "shared block", "declare share ... as recursive(...) on these layers before this adapt")
+    qat = {p: e.span.line for e in model.edits if e.technique == "qat" for p in e.paths}
+    for p in sorted(paths):
+        if p in qat and (technique != "lora" or (args or {}).get("dropout") or (args or {}).get("sparse_delta")):
+            return (f"'{p}' trains quantization-aware (line {qat[p]}), which folds LoRA updates into the weight "
+                    "before quantizing it (L4Q)", "adapt it with lora without dropout or sparse_delta")
     why = DENSE_READERS.get(technique)
     quantized = _touched(model, "quantize")
     for p in sorted(paths):

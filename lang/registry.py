@@ -606,7 +606,16 @@ QUANTIZERS = Registry("quantization scheme", {
        "frozen, the base of QLoRA.", paper="Dettmers et al. 2023, QLoRA (arXiv:2305.14314)",
         targets=("linear",), target_constraints=_columns_divisible("group", "each block of input columns "
                                                                     "shares a scale")),
-}, planned={"qat": _COMPRESS})
+    "qat": Entry("qat", (
+        Param("bits", IntT(min=2, max=8), 4, "bits per weight (signed, symmetric)"),
+        Param("group", IntT(min=1), 64, "input columns that share one learned step"),
+    ), "Quantization-aware training: the weight is fake-quantized with a learned step per group (LSQ) "
+       "in every forward, so later training adapts to the rounding; with LoRA on the weight, the "
+       "merged weight W + s*B*A is what is quantized, and the LoRA and the steps train (L4Q).",
+        paper="Esser et al. 2019, LSQ (arXiv:1902.08153); Jeon et al. 2024, L4Q (arXiv:2402.04902)",
+        targets=("linear",), target_constraints=_columns_divisible("group", "each group of input columns "
+                                                                    "shares a step")),
+})
 
 # The registry each technique statement draws from.
 TECHNIQUES: dict[str, Registry] = {

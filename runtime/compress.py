@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from effc.compiler.ir import IR
+from effc.compiler.ir import IR, Op
 from effc.compiler.to_fx import graph_output
 from effc.kernels import quant as Q
 from effc.runtime import data as D
@@ -255,10 +255,30 @@ def prune(edit, ir: IR, state: State, stats: dict[str, InputStats] | None) -> Ou
     return Outcome(out, line, {"weights": len(masks), "sparsity": zeros / total})
 
 
+def _qat(edit, ir: IR, state: State) -> Outcome:
+    """qat: each weight stays and gains LSQ's initial step per (row, group); training then
+    learns both (effc.compiler.to_fx.qat_weight)."""
+    a, out, err, ref = edit.args, dict(state), 0.0, 0.0
+    paths = list(dict.fromkeys(_weight_path(ir, t) for t in edit.paths if t in ir))
+    for path in paths:
+        w = state[path].float()
+        step = Q.lsq_init_step(w, a["bits"], a["group"])
+        out[path.rsplit(".", 1)[0] + ".step"] = step
+        err += float((Q.fake_quant_lsq(w, step, a["bits"], a["group"]) - w).double().pow(2).sum())
+        ref += float(w.double().pow(2).sum())
+    rel = (err / ref) ** 0.5 if ref else 0.0
+    line = (f"  quantization-aware: {len(paths)} weights fake-quantized to {a['bits']} bits (group={a['group']}), "
+            f"relative weight error at the initial steps {rel:.4f}")
+    return Outcome(out, line, {"weights": len(paths), "scheme": f"qat(bits={a['bits']}, group={a['group']})",
+                               "relative_error": rel})
+
+
 def quantize(edit, ir: IR, state: State, stats: dict[str, InputStats] | None) -> Outcome:
     a, out = edit.args, dict(state)
     done: set[str] = set()
     err = ref = 0.0
+    if edit.technique == "qat":
+        return _qat(edit, ir, state)
     for t in [t for t in edit.paths if t in ir]:  # a dropped sublayer's weights are gone
         path = _weight_path(ir, t)
         if path in done:

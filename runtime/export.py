@@ -25,7 +25,7 @@ from effc.runtime.checkpoint import atomic_write_json, write_tensors
 from effc.runtime import compressed_tensors as CT
 from effc.runtime.hf import CheckpointReader, HFError, copy_tokenizer, decoder_config, hf_state, write_hf
 from effc.lang.hf import source as hf_source
-from effc.runtime.model import State, dense_ir, dense_state, merged_state
+from effc.runtime.model import State, dense_ir, dense_state, merged_state, realize_qat
 
 
 class ExportError(Exception):
@@ -116,7 +116,8 @@ def export_hf(folder: Path, ir: IR, state: State, info: ModelInfo, source: Check
     through; the built-in decoder is written as a LlamaForCausalLM."""
     adapters = adapter_records(ir)
     dropped: dict[str, float] = {}
-    merged = merged_state(dense_ir(ir), dense_state(ir, state), dropped)  # packed and shared tensors undone first
+    # packed and shared tensors undone first; QAT weights take their quantized values once merged (L4Q)
+    merged = realize_qat(ir, merged_state(dense_ir(ir), dense_state(ir, state), dropped))
     _note_dropped(adapters, dropped)
     arch = info.arch
     # A merged update on a tied head gives the head its own tensor: the export unties it.
@@ -140,7 +141,7 @@ def export_compressed_tensors(folder: Path, ir: IR, state: State, info: ModelInf
     format=hf writes it (adapters merged, shared blocks unrolled). The checker has refused
     NF4 weights and adapters on quantized weights, which the format cannot hold."""
     adapters = adapter_records(ir)
-    merged = merged_state(dense_ir(ir), dense_state(ir, state))
+    merged = realize_qat(ir, merged_state(dense_ir(ir), dense_state(ir, state)))
     arch = dataclasses.replace(info.arch, tied=info.arch.tied and "head.weight" not in merged)
     if info.family == "hf":
         family, config = info.args["hf_family"], source.model.config

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, IRError, Op
-from effc.compiler.to_fx import add_positions, add_type0, embedding_adapters, fx_name
+from effc.compiler.to_fx import add_positions, add_type0, embedding_adapters, fx_name, qat_weight
 from effc.kernels.attention import attention
 from effc.kernels.quant import packed_linear
 from effc.kernels.rmsnorm import rms_norm
@@ -131,6 +131,10 @@ class Decoder:
             h = x[0]
             for m, v in zip(adapters, x[1:]):
                 h = kind_of(m).before(self.eager, m, v, h)
+            if a.quant == "qat":  # as to_fx: LoRA updates folded in, then fake-quantized
+                wq = qat_weight(w[0], w[1], a.bits, a.group,
+                                tuple((self.weights[m.id][1], self.weights[m.id][0], m.attrs.scale) for m in adapters))
+                return F.linear(h, wq, *w[2:])
             if a.quant:  # the packed tensors, then the bias (effc.kernels.quant)
                 k = sum(q.quantized for q in n.params)
                 y = packed_linear(h, a.quant, a.group, a.double_quant, w[:k], w[k] if a.bias else None)

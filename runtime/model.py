@@ -153,7 +153,7 @@ def dense_ir(ir: IR) -> IR:
     updated = []
     for n in ir.nodes():
         params = n.params
-        if n.op is Op.LINEAR and n.attrs.quant:
+        if n.op is Op.LINEAR and n.attrs.quant and n.attrs.quant != "qat":  # QAT keeps its dense weight
             a = n.attrs
             role = n.params[0].role
             params = (ParamRecord(f"{n.id}.weight", (a.out_features, a.in_features), role, trainable=False),) + \
@@ -169,7 +169,7 @@ def dense_state(ir: IR, state: State) -> State:
     loop of a shared block given a copy of its block's tensors."""
     out = dict(state)
     for n in ir.nodes():
-        if n.op is Op.LINEAR and n.attrs.quant:
+        if n.op is Op.LINEAR and n.attrs.quant and n.attrs.quant != "qat":
             w = n.params[0]
             owner = (w.tied_to or w.path).rsplit(".", 1)[0]
             packed = {p.path.rsplit(".", 1)[-1]: state[f"{owner}.{p.path.rsplit('.', 1)[-1]}"]
@@ -182,4 +182,16 @@ def dense_state(ir: IR, state: State) -> State:
         for p in n.params:
             if p.quantized:
                 out.pop(p.path, None)
+    return out
+
+
+def realize_qat(ir: IR, state: State) -> State:
+    """A state whose QAT weights hold their fake-quantized values and no step: what a
+    format without fake quantization (hf) stores (adapters already merged into them)."""
+    out = dict(state)
+    for n in ir.nodes():
+        if n.op is Op.LINEAR and n.attrs.quant == "qat" and f"{n.id}.step" in out:
+            with torch.no_grad():
+                out[f"{n.id}.weight"] = Q.fake_quant_lsq(out[f"{n.id}.weight"].float(), out.pop(f"{n.id}.step"),
+                                                         n.attrs.bits, n.attrs.group)
     return out

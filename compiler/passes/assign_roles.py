@@ -17,8 +17,10 @@ from effc.compiler.passes import PassContext, register
 
 def set_trainable(ir: IR) -> tuple[IR, int]:
     adapted = any(n.op in ADAPTERS for n in ir.nodes())
-    # A quantized weight's packed tensors are frozen whatever trains (QLoRA's base).
-    return ir.map_params(lambda p: p if p.role == "adapter" else replace(p, trainable=not adapted and not p.quantized))
+    # A quantized weight's packed tensors are frozen whatever trains (QLoRA's base); a QAT
+    # step always trains (LSQ alone, or beside LoRA as in L4Q).
+    return ir.map_params(lambda p: p if p.role == "adapter" else replace(
+        p, trainable=(not adapted and not p.quantized) or (p.storage.startswith("qat") and p.path.endswith(".step"))))
 
 
 @register("assign_roles", after=tuple(f"apply_{k}" for k in sorted(KINDS)))

@@ -185,6 +185,16 @@ def prune_weights(ir: IR, ctx: PassContext) -> tuple[IR, int]:
     return ir.map_params(lambda p: replace(p, storage=storage[p.path]) if p.tied_to is None and p.path in storage else p)
 
 
+def qat_node(n: Node, args: dict) -> Node:
+    """QAT (LSQ): the dense weight stays (storage "qat(...)") and gains a learned step per
+    (row, group) of input columns, which always trains."""
+    a, w = n.attrs, n.params[0]
+    storage = f"qat(bits={args['bits']}, group={args['group']})"
+    step = ParamRecord(f"{n.id}.step", (a.out_features, a.in_features // args["group"]), w.role, storage=storage)
+    return replace(n, attrs=replace(a, quant="qat", group=args["group"], bits=args["bits"]),
+                   params=(replace(w, storage=storage), step) + n.params[1:])
+
+
 def quantize_node(n: Node, scheme: str, args: dict) -> Node:
     a, w = n.attrs, n.params[0]
     dq = scheme == "nf4" and args["double_quant"]
@@ -204,6 +214,6 @@ def quantize_linear(ir: IR, ctx: PassContext) -> tuple[IR, int]:
             for path in [p for p in e.paths if p in ir]:
                 n = ir.node(path)
                 if n.op is Op.LINEAR and not n.attrs.quant:
-                    updated[path] = quantize_node(n, e.technique, e.args)
+                    updated[path] = qat_node(n, e.args) if e.technique == "qat" else quantize_node(n, e.technique, e.args)
     changed = sum(len(n.params) for n in updated.values())
     return ir.with_nodes(updated.values()), changed

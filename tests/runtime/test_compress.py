@@ -339,3 +339,42 @@ def test_sparse_delta_lora_trains_a_masked_update_and_merges_without_loss():
     from effc.compiler.cost import estimate
     base = estimate(model_ir(r, "m", tr.span)[0], 2, SEQ)
     assert base.flops_forward_per_token > estimate(plain, 2, SEQ).flops_forward_per_token  # the dense update shows
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_qat_fake_quantizes_the_weight_and_lsq_steps_train(lora):
+    body = "    quantize m.layers[*].mlp.down to qat(bits=4, group=16)\n"
+    if lora:
+        body += "    adapt m.layers[*].mlp.down with lora(rank=2)\n"
+    r = program(body)
+    quant, tr = steps(r)
+    ir0, _ = model_ir(r, "m", quant.span)
+    state = C.quantize(quant.edit, ir0, fresh_state(r, quant.span), None).state
+    W = state["layers[0].mlp.down.weight"]
+    step = state["layers[0].mlp.down.step"]
+    # LSQ's initial step: 2 mean|w| / sqrt(Qp) per (row, group), Qp = 7 at 4 bits
+    torch.testing.assert_close(step, 2 * W.reshape(32, 4, 16).abs().mean(-1) / 7 ** 0.5)
+    ir, _ = model_ir(r, "m", tr.span)
+    gm, _ = materialize(ir, SEQ, state, 0)
+    full = state_of(gm, ir)
+    if lora:
+        full["layers[0].mlp.down.lora0.B"] = torch.randn(32, 2) * 0.1
+        gm, _ = materialize(ir, SEQ, full, 0)
+    # reference: the dense model whose weights are the fake-quantized (merged) ones, by formula
+    ref_state = {k: v for k, v in full.items() if ".lora0." not in k and not k.endswith(".step")}
+    for i in range(4):
+        w = full[f"layers[{i}].mlp.down.weight"]
+        if lora:
+            n = ir.node(f"layers[{i}].mlp.down.lora0")
+            w = w + n.attrs.scale * full[f"layers[{i}].mlp.down.lora0.B"] @ full[f"layers[{i}].mlp.down.lora0.A"]
+        s = full[f"layers[{i}].mlp.down.step"].repeat_interleave(16, dim=1)
+        ref_state[f"layers[{i}].mlp.down.weight"] = torch.clamp(torch.round(w / s), -8, 7) * s
+    plain, _ = model_ir(r, "m", quant.span)
+    ref, _ = materialize(plain, SEQ, ref_state, 0)
+    x, y = tokens()
+    loss = gm(x, y)
+    torch.testing.assert_close(loss, ref(x, y), rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert gm.get_parameter("layers.0.mlp.down.step").grad.abs().sum() > 0
+    assert gm.get_parameter("layers.0.mlp.down.step").requires_grad
+    assert gm.get_parameter("layers.0.mlp.down.weight").requires_grad is (not lora)
