@@ -293,8 +293,10 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         raise IRError(f"to_fx: the IR must end in exactly one loss or pool node, found {len(ends)}")
     if output == "loss":
         g.output(out[ends[0].id])
-    g.eliminate_dead_code()
     g.lint()
     gm = fx.GraphModule(root, g, class_name="EffcGraph")
+    if any(n.op is Op.LINEAR and n.attrs.quant == "qat" and len(ir.inputs(n.id)) > 1 for n in ir.nodes()):
+        gm.graph.eliminate_dead_code()  # the LoRA values L4Q folded into weights instead
+        gm.recompile()
     gm.meta["ir_nodes"] = names
     return gm

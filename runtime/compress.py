@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from effc.compiler.ir import IR, Op
+from effc.compiler.ir import IR
 from effc.compiler.to_fx import graph_output
 from effc.kernels import quant as Q
 from effc.runtime import data as D
