@@ -144,10 +144,11 @@ def _structure_problem(model, use) -> tuple[str, str] | None:
                     "E0309", "fraction")
     earlier = _touched(model, "quantize")
     shared = shared_layers(model)
+    tied = tied_paths(model)
     for p in use.paths:
-        if _layer_of(p) in shared:
-            return (f"'{p}' belongs to a shared block, and removing {what} from one loop changes them all",
-                    f"prune {what} in layers that share no block")
+        if _layer_of(p) in shared or any(p == q or p.startswith(q + ".") or q.startswith(p + ".") for q in tied):
+            return (f"'{p}' shares its weights with other modules, and removing {what} from one changes them all",
+                    f"prune {what} in modules that share no weights")
         inside = [(q, line) for q, line in earlier.items() if q.startswith(p + ".")]
         inside += [(q, a.span.line) for a in model.adapters for q in a.paths if q.startswith(p + ".") or q == p]
         if inside:
