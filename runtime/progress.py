@@ -60,8 +60,11 @@ class ConsoleReporter(Reporter):
             if st.get("cached"):
                 t.add_row(st["stage"], "", "cached", "")
             elif "train" in st:
-                t.add_row(st["stage"], f"train {st['train']} ({st['steps']} steps)", f"loss {st['loss']:.4f}",
+                loss = f"KL {st['loss']:.4f} to {st['distill']}" if st.get("distill") else f"loss {st['loss']:.4f}"
+                t.add_row(st["stage"], f"train {st['train']} ({st['steps']} steps)", loss,
                           f"{st['seconds']:.1f} s, {st['tokens'] / max(st['seconds'], 1e-9):,.0f} tok/s")
+            elif "edit" in st:  # share, tie, prune, quantize
+                t.add_row(st["stage"], st["edit"], st["result"], f"{st['seconds']:.1f} s")
         for e in s.evals:
             if "accuracy" in e:  # a sentence encoder: contrastive loss and top-1 retrieval
                 res = f"loss {e['loss']:.4f}, top-1 {100 * e['accuracy']:.1f}%"

@@ -482,7 +482,9 @@ class _Run:
             self.rep.train_end()
         self.states[model] = state_of(gm, ir)
         self.summary.stages.append({"stage": stage, "train": model, "loss": res["loss"], "steps": spec.steps,
-                                    "tokens": res["tokens"], "seconds": res["seconds"]})
+                                    "tokens": res["tokens"], "seconds": res["seconds"],
+                                    "distill": f"{teacher.name}@{teacher.stage}" if teacher and teacher.stage
+                                    else (teacher.name if teacher else None)})
 
     def restore_choices(self, folder: Path) -> None:
         """A cached stage's run-time choices (which sublayers drop_sublayers removed): the
@@ -525,9 +527,12 @@ class _Run:
         else:
             done = C.quantize(e, ir, state, stats)
         self.states[model] = done.state
+        seconds = time.perf_counter() - t0
         self.metric({"kind": e.verb, "stage": stage, "model": model, "technique": e.technique,
-                     "seconds": time.perf_counter() - t0, **done.record})
+                     "seconds": seconds, **done.record})
         self.rep.line(done.line)
+        self.summary.stages.append({"stage": stage, "edit": f"{e.verb} {model} ({e.technique})",
+                                    "result": done.line.strip().split(": ", 1)[-1], "seconds": seconds})
 
     def eval(self, stage: str, step: Step) -> None:
         model, o = step.model.name, step.options

@@ -51,8 +51,10 @@ def test_example_builds(path, tmp_path):
     assert compiled.diagnostics == ()
     for b in compiled.builds:
         info = result.models[b.step.model.name]
-        adapters = tuple(u for u in info.adapters if (u.span.line, u.span.col) < (b.step.span.line, b.step.span.col))
-        ir, _ = run_passes(lower_model(info), PASSES, PassContext(adapters), verify_each=True)
+        before = lambda u: (u.span.line, u.span.col) < (b.step.span.line, b.step.span.col)  # noqa: E731
+        adapters = tuple(u for u in info.adapters if before(u))
+        edits = tuple(e for e in info.edits if before(e))
+        ir, _ = run_passes(lower_model(info), PASSES, PassContext(adapters, edits), verify_each=True)
         assert ir == b.ir
     write_build(compiled, tmp_path / "build")
     steps = json.loads((tmp_path / "build" / "build.json").read_text())["steps"]
