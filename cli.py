@@ -28,6 +28,11 @@ app = typer.Typer(
 )
 
 
+PLAN_HELP = ("override a field of every train step's execution plan (repeatable): micro_batch=N, accumulate=N, "
+             "checkpoint=none|full|attn|mlp (or one per layer, comma-separated), precision=fp32|bf16, "
+             "kernels=all|none|NAME,..., compile=true|false")
+
+
 class OutputFormat(str, Enum):
     text = "text"
     json = "json"
@@ -58,13 +63,24 @@ def _report(result: CheckResult, file: Path, fmt: OutputFormat, extra: list) -> 
     return 1 if has_errors(diags) else 0
 
 
-def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat):
+def _plan_overrides(items: list[str]) -> tuple[list[tuple[str, str]], list]:
+    from effc.compiler.plan import PlanError, parse_overrides
+
+    try:
+        return parse_overrides(items), []
+    except PlanError as e:
+        return [], [error("E0112", e.message, Span("<command line>", 1, 1, 1, 2), e.hint)]
+
+
+def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: list[str] = ()):
     """check + cost: returns (result, compiled) or exits with the diagnostics."""
     from effc.compiler.pipeline import compile_checked
 
     overrides, bad = _overrides(set_)
+    plan_pairs, bad_plan = _plan_overrides(list(plan))
+    bad += bad_plan
     result = check_file(str(file), overrides=overrides)
-    compiled = compile_checked(result) if result.ok and not bad else None
+    compiled = compile_checked(result, plan_pairs) if result.ok and not bad else None
     if compiled is not None:  # a predicted peak over the budget is a mistake too
         result.diagnostics = sort_diagnostics(result.diagnostics + list(compiled.diagnostics))
     status = _report(result, file, fmt, bad)
@@ -90,11 +106,12 @@ def build(
     file: Path = typer.Argument(..., help="the .eff file"),
     out: Path = typer.Option(Path("build"), "-o", "--out", help="the build folder (replaced atomically)"),
     set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
+    plan: List[str] = typer.Option([], "--plan", help=PLAN_HELP),
 ) -> None:
-    """Check, lower and cost every train step; write the IR and the cost table to a folder."""
+    """Check, lower and cost every train step; write the IR, fx code, plan and cost table to a folder."""
     from effc.compiler.build import write_build
 
-    _, compiled = _check_and_compile(file, set_, OutputFormat.text)
+    _, compiled = _check_and_compile(file, set_, OutputFormat.text, plan)
     try:
         write_build(compiled, out)
     except OSError as exc:
@@ -113,17 +130,19 @@ def run(
     force: bool = typer.Option(False, "--force", help="replace export folders that already exist"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="CPU threads (a resumed run is bit-identical at the same count)"),
+    plan: List[str] = typer.Option([], "--plan", help=PLAN_HELP),
 ) -> None:
     """Run the pipeline: train, evaluate and export, stage by stage, reusing unchanged stages."""
     from effc.runtime.progress import ConsoleReporter
     from effc.runtime.run import RunFailed, RunOptions, run_pipeline
     from effc.runtime.train import Interrupted
 
-    result, _ = _check_and_compile(file, set_, OutputFormat.text)
+    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan)
     folder = out or Path("runs") / (result.program.name or file.stem)
     reporter = ConsoleReporter()
     try:
-        summary = run_pipeline(result, file, RunOptions(folder, resume, force, threads), reporter,
+        summary = run_pipeline(result, file, RunOptions(folder, resume, force, threads,
+                                                        tuple(_plan_overrides(plan)[0])), reporter,
                                _overrides(set_)[0])
     except RunFailed as exc:
         raise typer.Exit(_report(CheckResult(None, exc.diagnostics, result.source), file, OutputFormat.text, []))
@@ -194,6 +213,8 @@ def show(
     ir: bool = typer.Option(False, "--ir", help="the IR of every train step"),
     fx: bool = typer.Option(False, "--fx", help="the torch.fx code of every train step"),
     cost: bool = typer.Option(False, "--cost", help="the cost table of every train step"),
+    plan: bool = typer.Option(False, "--plan", help="the execution plan of every train step"),
+    kernels: bool = typer.Option(False, "--kernels", help="every kernel swap in the fx graphs, with its source lines"),
     report: bool = typer.Option(False, "--report", help="passes, fx calls, params and peak of every train step"),
     format: ShowFormat = typer.Option(ShowFormat.text, "--format",
                                       help="text, or the IR as Graphviz dot / svg (written next to the IR)"),
@@ -214,7 +235,8 @@ def show(
                        err=True)
             raise typer.Exit(2)
         return
-    chosen = [name for name, on in (("ir", ir), ("fx", fx), ("report", report), ("cost", cost)) if on]
+    chosen = [name for name, on in (("ir", ir), ("fx", fx), ("report", report), ("cost", cost), ("plan", plan),
+                                    ("kernels", kernels)) if on]
     sections = chosen or ["report", "cost"]
     typer.echo("\n".join(read_section(folder, s) for s in sections), nl=False)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from effc.compiler.swaps import COSTED
 from effc.compiler.adapters import prefix_length
 from effc.compiler.pipeline import compile_checked
 from effc.compiler.to_fx import graph_output, to_fx
@@ -30,7 +31,7 @@ MIB = 2**20
 def measure(build) -> dict:
     c = build.cost
     seq = c.seq - prefix_length(build.ir)  # the cost counts a soft prompt's positions too
-    gm = to_fx(build.ir, seq)
+    gm = to_fx(build.ir, seq, kernels=COSTED)  # the kernels the cost model counts
     torch.manual_seed(0)
     with torch.no_grad():
         for p in gm.parameters():

@@ -9,7 +9,6 @@ No stage changes its input; nothing here allocates a weight or imports torch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from effc.compiler.cost import Cost, estimate
@@ -17,6 +16,7 @@ from effc.compiler.ir import IR, IRError
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import InternalError, PassContext, PassReport, run_passes
 from effc.compiler.passes.apply_adapters import APPLY
+from effc.compiler.plan import Plan, PlanError, default_plan, overridden
 from effc.lang import ast
 from effc.lang.check import CheckResult, Step
 from effc.lang.diagnostics import Diagnostic, Span, error
@@ -43,6 +43,7 @@ class TrainBuild:
     report: PassReport
     cost: Cost
     micro_batch: int
+    plan: Plan  # how the step is computed (effc.compiler.plan); the runtime realises it
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,21 @@ def snapshot_until(result: CheckResult, stage: str) -> Span | None:
     return result.stages[i + 1].span if i + 1 < len(names) else None
 
 
-def _build(result: CheckResult, stage: str, step: Step) -> TrainBuild:
+def _build(result: CheckResult, stage: str, step: Step, overrides: list) -> TrainBuild:
     ir, report = model_ir(result, step.model.name, step.span)
-    # `batch` sequences per optimizer step arrive as `accumulate` micro-batches.
-    micro = math.ceil(step.options["batch"] / step.options["accumulate"])
     seq = result.data[step.data.name].args["seq"]
     # A sentence encoder's micro-batch is `micro` pairs: both sides' activations are held
     # until the contrastive loss, which needs every embedding, runs backward.
     encoder = getattr(result.models[step.model.name].arch, "output", None) == "embedding"
-    return TrainBuild(stage, step, ir, report, estimate(ir, 2 * micro if encoder else micro, seq), micro)
+    # `batch` sequences per optimizer step arrive as `accumulate` micro-batches (the plan's).
+    plan = overridden(default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir)), overrides)
+    micro = plan.micro_batch
+    return TrainBuild(stage, step, ir, report, estimate(ir, 2 * micro if encoder else micro, seq), micro, plan)
+
+
+def layer_count(ir: IR) -> int:
+    """The transformer layers of an IR (ids `layers[i]...`)."""
+    return len({n.id.split("]", 1)[0] for n in ir.nodes() if n.id.startswith("layers[")})
 
 
 def _budget_span(result: CheckResult) -> Span:
@@ -105,8 +112,9 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}GiB" if n >= 2**28 else f"{n / 2**20:.1f}MiB"
 
 
-def compile_checked(result: CheckResult) -> Compiled:
-    """Build and cost every train step of a program that checked without errors."""
+def compile_checked(result: CheckResult, plan: list[tuple[str, str]] | None = None) -> Compiled:
+    """Build and cost every train step of a program that checked without errors; `plan`
+    holds `--plan key=value` overrides of every step's execution plan."""
     if not result.ok:
         raise ValueError("compile_checked needs a program that checked without errors")
     builds, diags = [], []
@@ -115,10 +123,12 @@ def compile_checked(result: CheckResult) -> Compiled:
             if step.kind != "train":
                 continue
             try:
-                b = _build(result, stage.name, step)
+                b = _build(result, stage.name, step, list(plan or ()))
             except (InternalError, IRError) as exc:  # a compiler bug, reported, never raised
                 diags.append(error("E9001", str(exc), step.span, "please report this with the .eff file"))
                 continue
+            except PlanError as exc:  # the same overrides fail every step: say it once
+                return Compiled((), (error("E0112", exc.message, Span("<command line>", 1, 1, 1, 2), exc.hint),))
             builds.append(b)
             if result.budget is not None and (d := _over_budget(result, b)) is not None:
                 diags.append(d)

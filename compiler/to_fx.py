@@ -33,9 +33,9 @@ from effc.compiler.ir import ADAPTERS, IR, OUTPUTS, IRError, Node, Op, ParamReco
 from effc.kernels import quant as Q
 from effc.kernels.attention import attention
 from effc.kernels.dropout import Dropout
-from effc.kernels.rmsnorm import rms_norm
-from effc.kernels.rotary import at_positions, rotary, rotary_tables
-from effc.kernels.swiglu import swiglu
+from effc.kernels.rmsnorm import rms_norm_ref
+from effc.kernels.rotary import at_positions, rotary_ref, rotary_tables
+from effc.kernels.swiglu import swiglu_ref
 
 IGNORE = -100  # a target the loss skips (prompt tokens, padding)
 
@@ -159,14 +159,31 @@ def qat_weight(w_OI: torch.Tensor, step_OG: torch.Tensor, bits: int, group: int,
     return Q.fake_quant_lsq(w_OI, step_OG, bits, group)
 
 
+def inline(g: fx.Graph, fn, *args) -> fx.Node:
+    """Append fn's operations to g, applied to fx nodes (and literals) `args`: the
+    reference implementation written out op by op, as symbolic tracing would record it,
+    so the kernel swaps (`effc.compiler.swaps`) find it with fn itself as the pattern."""
+    tracer = fx.proxy.GraphAppendingTracer(g)
+    out = fn(*(fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a for a in args))
+    return out.node
+
+
 def _quantized_linear(g: fx.Graph, n: Node, x: fx.Node, weight) -> fx.Node:
-    """x @ dequant(W).T (+ bias) through the scheme's effc op (effc.kernels.quant); the
-    packed tensors are the node's params in packed_params' order, then the bias."""
+    """x @ dequant(W).T (+ bias), the reference: the scheme's dequantization
+    (effc.kernels.quant) then F.linear, which the swap `quant_linear` replaces by the
+    scheme's effc op. The packed tensors are the node's params in packed_params' order,
+    then the bias."""
     a = n.attrs
     k = sum(p.quantized for p in n.params)
-    packed = tuple(weight(n, i) for i in range(k))
-    return g.call_function(Q.packed_linear, (x, a.quant, a.group, a.double_quant, packed,
-                                             weight(n, k) if a.bias else None))
+    packed = [weight(n, i) for i in range(k)]
+    if a.quant == "int8":
+        w = g.call_function(Q.dequantize_int8, tuple(packed))
+    elif a.quant == "int4":
+        w = g.call_function(Q.dequantize_int4, (*packed, a.group))
+    else:
+        absmax = g.call_function(Q.nf4_absmax, tuple(packed[1:])) if a.double_quant else packed[1]
+        w = g.call_function(Q.dequantize_nf4, (packed[0], a.group, absmax))
+    return g.call_function(F.linear, (x, w) + ((weight(n, k),) if a.bias else ()))
 
 
 def graph_output(ir: IR) -> str:
@@ -175,11 +192,17 @@ def graph_output(ir: IR) -> str:
     return "embedding" if any(n.op is Op.POOL for n in ir.nodes()) else "loss"
 
 
-def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | None = None) -> fx.GraphModule:
+def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | None = None,
+          kernels=None) -> fx.GraphModule:
     """`output="loss"`: forward(tokens, targets) -> summed loss; `output="logits"`:
     forward(tokens) -> (B, T, vocab) logits, for evaluation metrics that compare models;
     `output="embedding"` (encoders): forward(tokens, keep) -> (B, dim). None: the IR's
-    own (`graph_output`)."""
+    own (`graph_output`).
+
+    The graph is lowered to the torch references of the hot ops, then the kernel swaps
+    named in `kernels` (`effc.compiler.swaps.KERNELS`; None: all of them, () or "none":
+    the reference graph) replace them by effc's ops; `gm.meta["swaps"]` lists those that
+    fired. Every fx node lowered from an IR node carries its id in `node.meta["ir"]`."""
     natural = graph_output(ir)
     output = output or natural
     allowed = ("embedding",) if natural == "embedding" else ("loss", "logits")
@@ -226,6 +249,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
 
     b = Lowering(ir, g, root, weight, tokens, device)
     for n in ir.nodes():
+        last = next(reversed(g.nodes), None)
         x = [out[i] for i in ir.inputs(n.id)]
         a = n.attrs
         if n.op is Op.EMBEDDING:  # its inputs are its adapters' values
@@ -238,7 +262,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             else:
                 y = g.call_function(add_type0, (x[0], weight(n)))
         elif n.op is Op.RMSNORM:
-            y = g.call_function(rms_norm, (x[0], weight(n), a.eps))
+            y = inline(g, rms_norm_ref, x[0], weight(n), a.eps)
         elif n.op is Op.LAYERNORM:
             y = g.call_function(F.layer_norm, (x[0], (a.dim,), weight(n), weight(n, 1), a.eps))
         elif n.op is Op.LINEAR:
@@ -260,7 +284,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             y = kind_of(n).lower(b, n, x[0] if x else None)
         elif n.op is Op.ROTARY:
             cos, sin = rope(a)
-            y = g.call_function(rotary, (x[0], cos, sin, a.heads))
+            y = g.call_function(rotary_ref, (x[0], cos, sin, a.heads))
         elif n.op is Op.ATTENTION_CORE:
             if keep is not None:  # an encoder: bidirectional, padded keys hidden
                 y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads, a.causal, keep))
@@ -268,12 +292,13 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
                 y = g.call_function(attention, (x[0], x[1], x[2], a.heads, a.kv_heads),
                                     {"causal": a.causal, "segments_BT": segments})
         elif n.op is Op.SWIGLU:
-            y = g.call_function(swiglu, (x[0], x[1]))
+            y = inline(g, swiglu_ref, x[0], x[1])
         elif n.op is Op.GELU:
             y = g.call_function(F.gelu, (x[0],), {"approximate": a.approximate})
         elif n.op is Op.POOL:
             h = g.call_function(drop_prefix, (x[0], prefix)) if prefix else x[0]
             g.output(g.call_function(mean_pool, (h, keep_BT)))
+            _stamp(g, last, n.id)
             break
         elif n.op is Op.RESIDUAL_ADD:
             y = g.call_function(operator.add, (x[0], x[1]))
@@ -281,6 +306,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
             logits = g.call_function(drop_prefix, (x[0], prefix)) if prefix else x[0]
             if output == "logits":
                 g.output(logits)
+                _stamp(g, last, n.id)
                 break
             y = g.call_function(loss_sum, (logits, targets))
         else:
@@ -288,6 +314,7 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         y.name = re.sub(r"\W", "_", fx_name(n.id))  # fx keeps names unique by suffixing
         out[n.id] = y
         names[n.id] = y.name
+        _stamp(g, last, n.id)
     ends = [n for n in ir.nodes() if n.op in OUTPUTS]
     if len(ends) != 1 or ir.outputs(ends[0].id):
         raise IRError(f"to_fx: the IR must end in exactly one loss or pool node, found {len(ends)}")
@@ -299,4 +326,17 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
         gm.graph.eliminate_dead_code()  # the LoRA values L4Q folded into weights instead
         gm.recompile()
     gm.meta["ir_nodes"] = names
+    from effc.compiler.swaps import swap  # swaps imports this module's helpers
+
+    gm.meta["swaps"] = swap(gm, ir, kernels)
     return gm
+
+
+def _stamp(g: fx.Graph, last: fx.Node | None, ir_id: str) -> None:
+    """Mark the nodes appended after `last` (None: all) as lowered from IR node ir_id."""
+    started = last is None
+    for node in g.nodes:
+        if started:
+            node.meta.setdefault("ir", ir_id)
+        elif node is last:
+            started = True

@@ -541,3 +541,43 @@ def packed_linear(x: torch.Tensor, scheme: str, group: int, double_quant: bool, 
         return int4_linear(x, *packed, group, bias)
     absmax = nf4_absmax(*packed[1:]) if double_quant else packed[1]
     return nf4_linear(x, packed[0], absmax, group, bias)
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+#
+# On CUDA the forward runs a Triton matmul that dequantizes in registers
+# (`effc.kernels.triton.quant`), on x reshaped to 2-D; inputs it does not take (float64 x,
+# a group not a multiple of 32, empty tensors) run the torch path above. The backward is
+# unchanged: it dequantizes and multiplies.
+
+
+def _cuda_2d(x: Tensor, out_features: int, mm) -> Tensor:
+    return mm(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], out_features)
+
+
+@_int8_linear.register_kernel("cuda")
+def _(x, qweight, scale, bias):
+    from effc.kernels.triton import quant as T
+
+    if not T.supports(x, qweight):
+        return _linear(x, dequantize_int8(qweight, scale), bias)
+    return _cuda_2d(x, qweight.shape[0], lambda x2: T.int8_mm(x2, qweight, scale, bias))
+
+
+@_int4_linear.register_kernel("cuda")
+def _(x, qweight, scale, zero, group, bias):
+    from effc.kernels.triton import quant as T
+
+    if not T.supports(x, qweight, group):
+        return _linear(x, dequantize_int4(qweight, scale, zero, group), bias)
+    return _cuda_2d(x, qweight.shape[0],
+                    lambda x2: T.int4_mm(x2, qweight, scale, zero, group, bias))
+
+
+@_nf4_linear.register_kernel("cuda")
+def _(x, qweight, absmax, group, bias):
+    from effc.kernels.triton import quant as T
+
+    if not T.supports(x, qweight, group):
+        return _linear(x, dequantize_nf4(qweight, group, absmax), bias)
+    return _cuda_2d(x, qweight.shape[0], lambda x2: T.nf4_mm(x2, qweight, absmax, group, bias))

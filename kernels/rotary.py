@@ -1,11 +1,20 @@
 """Rotary position embedding (Su et al. 2021, arXiv:2104.09864), "rotate half" layout as in
 Llama checkpoints: within each head, channel i pairs with channel i + head_dim/2.
 
-Legend: x_BTD is (batch, seq, heads * head_dim); cos_TH and sin_TH are (seq, head_dim / 2),
-or, for packed sequences whose positions restart at each record, the tables gathered at
-each token's position (`at_positions`): (batch, seq, head_dim / 2).
-`rotary` saves no activation: backward rotates the gradient by -theta with the same
-constant tables. Bytes: reads x (N*D) and the tables, writes N*D.
+Legend: x_BTD is (batch, seq, heads * head_dim); cos_TH and sin_TH are (seq, head_dim / 2)
+(possibly longer than the sequence: only the first T rows are used), or, for packed
+sequences whose positions restart at each record, the tables gathered at each token's
+position (`at_positions`): (batch, seq, head_dim / 2).
+
+`rotary_ref` is the reference: the rotation in torch ops, which autograd differentiates
+on its own.
+
+`rotary` is the kernel: the custom op `effc::rotary` (fake kernel, autograd, CPU kernel;
+the CUDA kernel is Triton, `effc.kernels.triton.rotary`). It saves no activation: the
+rotation is orthogonal, so backward is the same op applied to the gradient with -sin,
+keeping only the constant tables. Math runs in float32 (float64 for float64 x); y is in
+x's dtype.
+Bytes: reads x (N*D) and the tables, writes y (N*D).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 
 def rotary_tables(seq: int, head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
@@ -57,19 +67,52 @@ def rotary_ref(x_BTD, cos_TH, sin_TH, heads: int):
     return _rotate(x_BTD, cos_TH, sin_TH, heads)
 
 
-class _Rotary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_BTD, cos_TH, sin_TH, heads):
-        ctx.save_for_backward(cos_TH, sin_TH)  # constants, not activations
-        ctx.heads = heads
-        return _rotate(x_BTD, cos_TH, sin_TH, heads)
-
-    @staticmethod
-    def backward(ctx, g_BTD):
-        cos_TH, sin_TH = ctx.saved_tensors
-        # The rotation is orthogonal: its transpose is the rotation by -theta.
-        return _rotate(g_BTD.contiguous(), cos_TH, -sin_TH, ctx.heads), None, None, None
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the arithmetic runs in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def rotary(x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor, heads: int) -> torch.Tensor:
-    return _Rotary.apply(x_BTD, cos_TH, sin_TH, heads)
+def rotary_torch(x_BTD: Tensor, cos_TH: Tensor, sin_TH: Tensor, heads: int) -> Tensor:
+    """The CPU path: `_rotate` in the math dtype of x, rounded once to x's dtype."""
+    md = math_dtype(x_BTD.dtype)
+    y = _rotate(x_BTD.contiguous().to(md), cos_TH.to(md), sin_TH.to(md), heads)
+    return y.to(x_BTD.dtype)
+
+
+@torch.library.custom_op("effc::rotary", mutates_args=())
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    return rotary_torch(x, cos, sin, heads)
+
+
+@_rotary.register_kernel("cuda")
+def _(x, cos, sin, heads):
+    from effc.kernels.triton import rotary as T
+
+    if not T.supports(x, cos, sin):
+        return rotary_torch(x, cos, sin, heads)
+    return T.rotary_fwd(x, cos, sin, heads)
+
+
+@_rotary.register_fake
+def _(x, cos, sin, heads):
+    return x.new_empty(x.shape)
+
+
+def _setup(ctx, inputs, output):
+    _, cos, sin, heads = inputs
+    ctx.save_for_backward(cos, sin)  # constants, not activations
+    ctx.heads = heads
+
+
+def _backward(ctx, g):
+    cos, sin = ctx.saved_tensors
+    # The rotation is orthogonal: its transpose is the rotation by -theta.
+    gx = torch.ops.effc.rotary(g.contiguous(), cos, -sin, ctx.heads)
+    return (gx if ctx.needs_input_grad[0] else None), None, None, None
+
+
+_rotary.register_autograd(_backward, setup_context=_setup)
+
+
+def rotary(x_BTD: Tensor, cos_TH: Tensor, sin_TH: Tensor, heads: int) -> Tensor:
+    return torch.ops.effc.rotary(x_BTD, cos_TH, sin_TH, heads)

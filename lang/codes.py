@@ -31,6 +31,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0109": ("model not in snapshot", "The model was declared after the stage named in the snapshot ended, so the snapshot does not hold it."),
     "E0110": ("snapshot where a live model is needed", "A statement that changes or trains a model acts on the live model, never on a snapshot."),
     "E0111": ("unknown param override", "A '--set name=value' names no param of the file, or its value does not parse."),
+    "E0112": ("bad plan override", "A '--plan key=value' names no field of the execution plan (micro_batch, accumulate, checkpoint, precision, kernels, compile), or its value is not one the field takes (for example a checkpoint list whose length is not the model's layer count)."),
     # selectors
     "E0201": ("selector root is not a model", "A selector starts with the name of a declared model."),
     "E0202": ("index out of range", "A list index or slice in a selector lies outside the list (for example layers[6] of a 6-layer model)."),

@@ -60,14 +60,15 @@ def _init(p: ParamRecord, node, layers: int, seed: int, args: dict, base: dict) 
 
 
 def materialize(ir: IR, seq: int, state: State, seed: int, adapter_args: dict | None = None,
-                output: str | None = None) -> tuple[fx.GraphModule, list[str]]:
+                output: str | None = None, kernels=None) -> tuple[fx.GraphModule, list[str]]:
     """The fx graph of `ir` with its params taken from `state` or initialised.
 
     Returns the graph module and the paths it initialised. `adapter_args` maps an
     adapter node id to its technique's arguments (LoRA's `init` choice, default kaiming).
     Adapters are filled after every base param, since some start from their target's
-    weight (DoRA's magnitude is its row norms)."""
-    gm = to_fx(ir, seq, "cpu", output)
+    weight (DoRA's magnitude is its row norms). `kernels`: the kernel swaps (to_fx's;
+    None: all)."""
+    gm = to_fx(ir, seq, "cpu", output, kernels)
     layers = sum(1 for n in ir.nodes() if n.op is Op.RESIDUAL_ADD) // 2
     fresh = []
     nodes = ir.nodes()

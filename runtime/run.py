@@ -20,6 +20,8 @@ export is replaced only with `force`. Every file is written atomically.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import hashlib
 import json
@@ -39,7 +41,8 @@ from effc import __version__
 from effc.compiler.adapters import adapter_index
 from effc.compiler.adapters.embedding_rows import frequent_rows
 from effc.compiler.ir import ADAPTERS, Op
-from effc.compiler.pipeline import model_ir, snapshot_until
+from effc.compiler.pipeline import layer_count, model_ir, snapshot_until
+from effc.compiler.plan import Plan, PlanError, default_plan, overridden
 from effc.lang import ast
 from effc.lang.check import CheckResult, Ref, Step, hf_family
 from effc.lang.diagnostics import Diagnostic, Span, error
@@ -55,6 +58,7 @@ from effc.runtime import export as E
 from effc.runtime.evaluate import embedding_similarity, evaluate, pair_embeddings, pair_metrics, similarity
 from effc.runtime.hf import CheckpointReader, HFError
 from effc.runtime import merge as M
+from effc.runtime import planned
 from effc.runtime.model import State, dense_ir, dense_state, materialize, merged_state, state_of
 from effc.runtime.peft import PeftError, export_peft, read_peft
 from effc.runtime.train import Hooks, Interrupted, TrainSpec, train
@@ -68,6 +72,7 @@ class RunOptions:
     resume: bool = False
     force: bool = False
     threads: int | None = None
+    plan: tuple[tuple[str, str], ...] = ()  # --plan key=value overrides, applied to every train step
 
 
 class RunFailed(Exception):
@@ -257,7 +262,8 @@ class _Run:
         self.metric({"kind": "merge", "model": model, "technique": m.technique, "operands": names})
         return state
 
-    def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None):
+    def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None,
+              kernels=None):
         ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
         args = self.calibrated(ir, self.adapter_args(model, ir), state)
@@ -270,7 +276,7 @@ class _Run:
             except PeftError as e:
                 self.fail("E0504", f"model '{model}': {e.message}", self.r.models[model].span, e.hint)
             state = ChainMap(state, imported)
-        gm, fresh = materialize(ir, seq, state, seed, args, output)
+        gm, fresh = materialize(ir, seq, state, seed, args, output, kernels)
         return ir, gm, fresh
 
     def calibrated(self, ir, args: dict, state: State) -> dict:
@@ -447,12 +453,21 @@ class _Run:
                       f"batch={spec.batch}", step.span,
                       "lower batch: a batch holds distinct pairs, since a repeated positive would be counted as "
                       "its own negative")
-        ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed)
+        plan = self.plan_of(step)
+        spec = dataclasses.replace(spec, accumulate=plan.accumulate)
         teacher = step.options.get("distill_from")
+        # distillation replaces the loss, so the head's logits must exist: no fused head + loss
+        kernels = tuple(k for k in plan.kernels if teacher is None or k != "linear_cross_entropy")
+        ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed, kernels=kernels)
         if teacher is not None:
             state, until = self.snapshot(teacher) if teacher.stage else (self.current(teacher.name), step.span)
             _, tgm, _ = self.graph(teacher.name, until, state, 0, "logits")
             gm = distill.attach(gm, tgm, step.options["temperature"])
+        swaps = collections.Counter(f.kernel for f in gm.meta.get("swaps", []))
+        self.rep.line(f"  plan: {plan.describe()}" + (f"; {sum(swaps.values())} kernel swaps ("
+                      + ", ".join(f"{k} {n}" for k, n in swaps.items()) + ")" if swaps else ""))
+        self.metric({"kind": "plan", "stage": stage, "model": model, "plan": plan.to_json(), "swaps": dict(swaps)})
+        forward = planned.forward_of(gm, plan)
         resume = self.opts.resume
         if not resume and ckpt.exists():
             self.rep.line(f"  found an interrupted train of '{model}': starting it over (--resume continues it)")
@@ -475,7 +490,8 @@ class _Run:
 
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
         try:
-            res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH)
+            res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH, forward,
+                        lambda: planned.precision(plan))
         except CheckpointError as e:
             self.fail("E0503", e.message, step.span, e.hint)
         finally:
@@ -484,7 +500,18 @@ class _Run:
         self.summary.stages.append({"stage": stage, "train": model, "loss": res["loss"], "steps": spec.steps,
                                     "tokens": res["tokens"], "seconds": res["seconds"],
                                     "distill": f"{teacher.name}@{teacher.stage}" if teacher and teacher.stage
-                                    else (teacher.name if teacher else None)})
+                                    else (teacher.name if teacher else None),
+                                    "plan": plan.to_json(), "swaps": dict(swaps)})
+
+    def plan_of(self, step: Step) -> Plan:
+        """The execution plan of a train step: the statement's own (its `accumulate=`),
+        with the command line's --plan overrides."""
+        ir, _ = model_ir(self.r, step.model.name, step.span)
+        plan = default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir))
+        try:
+            return overridden(plan, list(self.opts.plan))
+        except PlanError as e:
+            self.fail("E0112", e.message, Span("<command line>", 1, 1, 1, 2), e.hint)
 
     def restore_choices(self, folder: Path) -> None:
         """A cached stage's run-time choices (which sublayers drop_sublayers removed): the
@@ -503,7 +530,8 @@ class _Run:
         """share, prune, quantize: the model's state rewritten to match its IR after the
         statement (effc.runtime.compress), with calibration data where the method reads it."""
         model, e = step.model.name, step.edit
-        ir, gm, _ = self.graph(model, step.span, self.current(model), 0)
+        # the reference graph: calibration reads the output of every IR node by name
+        ir, gm, _ = self.graph(model, step.span, self.current(model), 0, kernels="none")
         state = state_of(gm, ir)
         stats = None
         ref = e.args.get("calibrate")

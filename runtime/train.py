@@ -23,6 +23,7 @@ checkpointing, precision, several processes) without touching the loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -130,9 +131,10 @@ class Hooks:
     should_stop: Callable[[], bool] = lambda: False
 
 
-def _lm_step(gm: fx.GraphModule, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int]) -> tuple[float, int]:
+def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp) -> tuple[float, int]:
     """Forward and backward of step s of a language model: (mean loss per target token,
-    tokens read)."""
+    tokens read). `gm` is the step's forward (the plan's: checkpointed, compiled), `amp`
+    makes the context its forwards run in (autocast, or none)."""
     seq = data.seq
     ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
     x, y = D.gather(data.train, seq, ids)
@@ -141,13 +143,14 @@ def _lm_step(gm: fx.GraphModule, data: D.Dataset, spec: TrainSpec, s: int, sizes
     count = int((y != -100).sum())
     total = torch.zeros((), dtype=torch.float64)
     for i, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes))):
-        part = gm(xm, ym, *(e[i] for e in extras))
-        (part / max(count, 1)).backward()
+        with amp():
+            part = gm(xm, ym, *(e[i] for e in extras))
+        (part.float() / max(count, 1)).backward()
         total += part.detach().double()
     return float(total) / max(count, 1), x.numel()
 
 
-def _pair_step(gm: fx.GraphModule, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int]) -> tuple[float, int]:
+def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp) -> tuple[float, int]:
     """Forward and backward of step s of a sentence encoder: (mean contrastive loss per
     pair, real tokens read). Each micro-batch's summed loss (`pair_loss_sum`) is divided
     by the step's pair count, so with accumulate=1 the gradient is exactly that of
@@ -161,19 +164,22 @@ def _pair_step(gm: fx.GraphModule, data: D.Pairs, spec: TrainSpec, s: int, sizes
     tokens = 0
     for ids_M in ids_B.split(sizes):
         a, keep_a, p, keep_p = D.gather_pairs(data.train, ids_M)
-        part = pair_loss_sum(gm, a, keep_a, p, keep_p)
-        (part / spec.batch).backward()
+        with amp():
+            part = pair_loss_sum(gm, a, keep_a, p, keep_p)
+        (part.float() / spec.batch).backward()
         total += part.detach().double()
         tokens += int(keep_a.sum() + keep_p.sum())
     return float(total) / spec.batch, tokens
 
 
 def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec, ckpt_root: Path,
-          resume: bool, hooks: Hooks, eval_batch: int = 8) -> dict:
+          resume: bool, hooks: Hooks, eval_batch: int = 8, forward=None, amp=contextlib.nullcontext) -> dict:
     """Train `gm` in place; returns the summary of the run (last loss, tokens, time).
     `data` is a `Dataset` for a language model (the graph returns its summed
     cross-entropy) or `Pairs` for a sentence encoder (the graph returns embeddings, and
-    the loss is the contrastive one of `_pair_step`)."""
+    the loss is the contrastive one of `_pair_step`). `forward` is what a train step
+    calls instead of `gm` (an execution plan's: effc.runtime.planned.forward_of; it
+    shares gm's params), and each forward runs in the context `amp()` (autocast)."""
     named = trainable(gm, ir)
     # A pruned weight that trains keeps its zeros (its storage is "sparse"): the mask is
     # read off the weight before any step, its gradient is masked (so clipping sees only
@@ -197,7 +203,7 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
         lr = lr_at(s, spec)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, n_tokens = (_pair_step if pairs else _lm_step)(gm, data, spec, s, sizes)
+        loss, n_tokens = (_pair_step if pairs else _lm_step)(forward or gm, data, spec, s, sizes, amp)
         for w, m in masks:
             if w.grad is not None:
                 w.grad.mul_(m)

@@ -29,6 +29,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def costed_kernels():
+    """Graphs built with only the kernels whose saved tensors the cost model counts
+    (effc.compiler.swaps.COSTED), for modules that compare it with a measured step:
+    `pytestmark = pytest.mark.usefixtures("costed_kernels")`."""
+    from effc.compiler import swaps
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(swaps, "DEFAULT", swaps.COSTED)
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def example_checkpoints():
     """Examples that start from a Hugging Face checkpoint say in their header how to make

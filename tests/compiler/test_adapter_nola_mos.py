@@ -25,6 +25,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
+from effc.compiler.swaps import COSTED
 from effc.compiler.adapters.mos import shard_index
 from effc.compiler.cost import estimate
 from effc.compiler.ir import ADAPTERS, IR
@@ -134,7 +135,8 @@ def _reference_params(base_gm, ir, leaves, weight):
 
 def _compare(make_model, body, weight):
     """Loss and every gradient of the adapted graph against the formula; returns the
-    names of the params that have a gradient."""
+    names of the params that have a gradient. Float32: the two graphs assemble the weight
+    in different orders, and the rounding differences pass through every later op."""
     _, ir, base = build(make_model, body)
     gm = randomize(materialize(ir, SEQ, {}, 0)[0], ir)
     base_gm, _ = materialize(base, SEQ, {}, 0)
@@ -149,7 +151,7 @@ def _compare(make_model, body, weight):
     for name, p in gm.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().max() > 0, name
-            torch.testing.assert_close(p.grad, leaves[name].grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(p.grad, leaves[name].grad, rtol=1e-4, atol=1e-5)
             graded.append(name)
         else:
             assert p.grad is None, name  # the base and the bases are frozen
@@ -401,7 +403,7 @@ def test_activation_bytes_against_a_measured_step(make_model, c):
     with torch.no_grad():
         for p in gm.parameters():
             p.normal_(std=0.02)
-    gm = materialize(ir, c.seq, state_of(gm, ir), 0)[0]  # the bases as the kind makes them
+    gm = materialize(ir, c.seq, state_of(gm, ir), 0, kernels=COSTED)[0]  # the bases as the kind makes them
     x = torch.randint(0, 64, (c.batch, c.seq))
     y = torch.randint(0, 64, (c.batch, c.seq))
     measured = measure_step(gm, gm.parameters(), warm_adamw(gm, x, y), x, y)

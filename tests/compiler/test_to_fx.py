@@ -20,7 +20,7 @@ from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.to_fx import loss_sum, to_fx
 from effc.kernels.attention import attention
 from effc.kernels.rmsnorm import rms_norm
-from effc.kernels.rotary import rotary
+from effc.kernels.rotary import rotary, rotary_ref
 from effc.kernels.swiglu import swiglu
 from effc.runtime.model import materialize, merged_state, state_of
 
@@ -309,8 +309,9 @@ def test_merged_state_unties_an_adapted_tied_head(make_model):
 
 # ---------------------------------------------------------------- the graph itself
 
-TARGET = {Op.EMBEDDING: F.embedding, Op.RMSNORM: rms_norm, Op.ROTARY: rotary,
-          Op.ATTENTION_CORE: attention, Op.SWIGLU: swiglu, Op.RESIDUAL_ADD: operator.add,
+# The reference graph (no kernel swaps): the last fx node of each IR op.
+TARGET = {Op.EMBEDDING: F.embedding, Op.RMSNORM: operator.mul, Op.ROTARY: rotary_ref,
+          Op.ATTENTION_CORE: attention, Op.SWIGLU: operator.mul, Op.RESIDUAL_ADD: operator.add,
           Op.LORA: operator.mul, Op.LOSS: loss_sum}
 
 
@@ -336,7 +337,8 @@ def ancestors(node):
 def test_graph_mirrors_the_ir(make_model):
     body = ADAPT.replace("alpha=6)", "alpha=6, dropout=0.1)")
     _, ir = build(make_model, GQA, body)
-    gm = to_fx(ir, SEQ)
+    gm = to_fx(ir, SEQ, kernels="none")
+    assert gm.meta["swaps"] == []
     names = [n.name for n in gm.graph.nodes]
     assert len(set(names)) == len(names)  # fx names are the generated code's variables
     by_name = named(gm)
@@ -359,7 +361,8 @@ def test_graph_mirrors_the_ir(make_model):
     count = lambda op: sum(n.op is op for n in ir.nodes())
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert sum(n.target is F.linear for n in calls) == count(Op.LINEAR) + 2 * count(Op.LORA)
-    assert sum(n.target is operator.add for n in calls) == count(Op.RESIDUAL_ADD) + count(Op.LORA)
+    # rms_norm_ref adds eps once
+    assert sum(n.target is operator.add for n in calls) == count(Op.RESIDUAL_ADD) + count(Op.LORA) + count(Op.RMSNORM)
     dropped = sum(n.op is Op.LORA and n.attrs.dropout > 0 for n in ir.nodes())
     assert dropped == 4  # q and v of both layers; mlp.down's adapter has none
     assert sum(n.op == "call_module" for n in gm.graph.nodes) == dropped  # one Dropout each

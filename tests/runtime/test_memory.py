@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from effc.compiler.swaps import COSTED
 from effc.compiler.cost import ID_BYTES, Cost, estimate
 from effc.compiler.ir import IR, Op
 from effc.compiler.lower import lower_model
@@ -96,7 +97,7 @@ def _ids(configs):
 def _build(c: Config) -> tuple[IR, torch.fx.GraphModule, torch.Tensor, torch.Tensor]:
     info = model_info(*c.source())
     ir, _ = run_passes(lower_model(info), PASSES, PassContext(tuple(info.adapters)))
-    gm = to_fx(ir, c.seq)
+    gm = to_fx(ir, c.seq, kernels=COSTED)  # the kernels the cost model counts
     torch.manual_seed(0)
     with torch.no_grad():
         for p in gm.parameters():

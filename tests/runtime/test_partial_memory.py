@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from effc.compiler.swaps import COSTED
 from effc.compiler.cost import Cost, estimate
 from effc.compiler.ir import IR
 from effc.compiler.lower import lower_model
@@ -66,7 +67,7 @@ def measured(technique: str | None) -> tuple[IR, Cost, StepMemory]:
     """One warm-up step (AdamW's state exists), then one measured step; values do not
     matter to storage sizes, so every param is N(0, 0.02)."""
     ir = _ir(technique)
-    gm = to_fx(ir, SEQ)
+    gm = to_fx(ir, SEQ, kernels=COSTED)  # the kernels the cost model counts
     torch.manual_seed(0)
     with torch.no_grad():
         for p in gm.parameters():

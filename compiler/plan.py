@@ -1,0 +1,160 @@
+"""Execution plans: how one `train` step is computed, as opposed to what it computes.
+
+A `Plan` is stored in the build (`plan.json`) and realised by the runtime
+(`effc.runtime.planned`); every field changes speed or memory, none changes the model
+or the gradient beyond float rounding:
+
+- `accumulate`: the step's `batch` sequences run as this many micro-batches (sizes
+  differing by at most one); `micro_batch` is the largest of them;
+- `checkpoint`: activation checkpointing, one entry per transformer layer: "none",
+  "full" (the layer's activations are recomputed in backward instead of kept), "attn" or
+  "mlp" (only that sublayer is recomputed);
+- `precision`: "fp32", or "bf16" (forward and backward under torch.autocast to
+  bfloat16; params, gradients and optimizer state stay float32);
+- `kernels`: the kernel swaps applied to the fx graph (`effc.compiler.swaps.KERNELS`);
+- `compile`: the forward runs through torch.compile.
+
+The default plan is the statement's own (`accumulate=` of the train statement) with no
+checkpointing, fp32, every kernel and no compile. `effc run --plan key=value` and
+`effc build --plan key=value` override fields (`parse_overrides`); the plan search of a
+later version chooses them under a memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+from effc.compiler.swaps import KERNELS
+
+CHECKPOINT = ("none", "full", "attn", "mlp")
+PRECISION = ("fp32", "bf16")
+FIELDS = ("micro_batch", "accumulate", "checkpoint", "precision", "kernels", "compile")
+
+
+class PlanError(Exception):
+    """A plan override that cannot be applied; message and hint are shown as they are."""
+
+    def __init__(self, message: str, hint: str):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+@dataclass(frozen=True)
+class Plan:
+    batch: int  # sequences (pairs, for an encoder) per optimizer step: the statement's, never changed
+    accumulate: int
+    checkpoint: tuple[str, ...]  # one entry per layer
+    precision: str = "fp32"
+    kernels: tuple[str, ...] = KERNELS
+    compile: bool = False
+
+    @property
+    def micro_batch(self) -> int:
+        return math.ceil(self.batch / self.accumulate)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["checkpoint"], d["kernels"] = list(self.checkpoint), list(self.kernels)
+        d["micro_batch"] = self.micro_batch
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> "Plan":
+        return Plan(int(d["batch"]), int(d["accumulate"]), tuple(d["checkpoint"]), d["precision"],
+                    tuple(d["kernels"]), bool(d["compile"]))
+
+    def describe(self) -> str:
+        """One line: `micro-batch 8 x 2, checkpoint none, fp32, kernels all, compile off`."""
+        cp = set(self.checkpoint)
+        checkpoint = next(iter(cp)) if len(cp) == 1 else ",".join(self.checkpoint)
+        if not self.checkpoint:
+            checkpoint = "none"
+        kernels = "all" if self.kernels == KERNELS else ",".join(self.kernels) or "none"
+        return (f"micro-batch {self.micro_batch} x {self.accumulate}, checkpoint {checkpoint}, {self.precision}, "
+                f"kernels {kernels}, compile {'on' if self.compile else 'off'}")
+
+
+def default_plan(batch: int, accumulate: int, layers: int) -> Plan:
+    return Plan(batch, min(accumulate, batch), ("none",) * layers)
+
+
+def _bool(key: str, v: str) -> bool:
+    if v.lower() in ("true", "on", "1", "yes"):
+        return True
+    if v.lower() in ("false", "off", "0", "no"):
+        return False
+    raise PlanError(f"--plan {key}={v}: not a boolean", f"write {key}=true or {key}=false")
+
+
+def _int(key: str, v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise PlanError(f"--plan {key}={v}: not a positive integer", f"write {key}=N with N >= 1")
+    return n
+
+
+def apply(plan: Plan, key: str, value: str) -> Plan:
+    """The plan with one field set from its text form."""
+    v = value.strip()
+    if key == "micro_batch":
+        m = _int(key, v)
+        return replace(plan, accumulate=math.ceil(plan.batch / min(m, plan.batch)))
+    if key == "accumulate":
+        n = _int(key, v)
+        if n > plan.batch:
+            raise PlanError(f"--plan accumulate={n}: more micro-batches than the step's batch of {plan.batch}",
+                            f"use at most accumulate={plan.batch}")
+        return replace(plan, accumulate=n)
+    if key == "checkpoint":
+        parts = [p.strip() for p in v.split(",")]
+        bad = [p for p in parts if p not in CHECKPOINT]
+        if bad:
+            raise PlanError(f"--plan checkpoint={v}: unknown choice '{bad[0]}'",
+                            f"one of {', '.join(CHECKPOINT)} for every layer, or one per layer separated by commas")
+        layers = len(plan.checkpoint)
+        if len(parts) == 1:
+            return replace(plan, checkpoint=(parts[0],) * layers)
+        if len(parts) != layers:
+            raise PlanError(f"--plan checkpoint={v}: {len(parts)} entries for a model of {layers} layers",
+                            "give one choice for every layer, or a single one for all")
+        return replace(plan, checkpoint=tuple(parts))
+    if key == "precision":
+        if v not in PRECISION:
+            raise PlanError(f"--plan precision={v}: unknown precision", f"one of {', '.join(PRECISION)}")
+        return replace(plan, precision=v)
+    if key == "kernels":
+        if v in ("all", "none"):
+            return replace(plan, kernels=KERNELS if v == "all" else ())
+        names = [k.strip() for k in v.split(",") if k.strip()]
+        bad = [k for k in names if k not in KERNELS]
+        if bad:
+            raise PlanError(f"--plan kernels={v}: unknown kernel '{bad[0]}'",
+                            f"all, none, or a comma list of {', '.join(KERNELS)}")
+        return replace(plan, kernels=tuple(k for k in KERNELS if k in names))
+    if key == "compile":
+        return replace(plan, compile=_bool(key, v))
+    raise PlanError(f"--plan {key}: no such plan field", f"the fields are {', '.join(FIELDS)}")
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """`key=value` strings -> pairs, checked for form (values are checked by `apply`)."""
+    out = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise PlanError(f"--plan {item}: expected key=value", f"for example --plan checkpoint=full; "
+                            f"the fields are {', '.join(FIELDS)}")
+        if key.strip() not in FIELDS:
+            raise PlanError(f"--plan {key.strip()}: no such plan field", f"the fields are {', '.join(FIELDS)}")
+        out.append((key.strip(), value))
+    return out
+
+
+def overridden(plan: Plan, overrides: list[tuple[str, str]]) -> Plan:
+    for key, value in overrides:
+        plan = apply(plan, key, value)
+    return plan

@@ -1,0 +1,101 @@
+"""Realising an execution plan (`effc.compiler.plan.Plan`) on a lowered graph.
+
+The kernel swaps are applied when the graph is built (`to_fx(..., kernels=plan.kernels)`);
+micro-batches by the training loop (`accumulate`). This module does the rest:
+
+- `forward_of(gm, plan)`: the callable a train step runs. With activation checkpointing
+  the graph is split (torch.fx's split_module) into consecutive pieces along the IR's
+  layers -- one piece per layer, or per sublayer where only "attn" or "mlp" is
+  recomputed -- and each piece to recompute runs under torch.utils.checkpoint (non-
+  reentrant, RNG state preserved, so dropout draws the same masks when recomputed).
+  The pieces hold the same Parameter objects as `gm`: the optimizer, checkpoints and
+  snapshots keep reading `gm`. With `compile`, the callable goes through torch.compile.
+- `precision(plan)`: the autocast context of a forward and backward (bf16), or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.split_module import split_module
+from torch.utils.checkpoint import checkpoint
+
+from effc.compiler.plan import Plan
+
+_LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
+
+
+def precision(plan: Plan | None):
+    if plan is None or plan.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+
+
+def _recompute(module: torch.nn.Module, *args):
+    return checkpoint(module, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def _pieces(gm: fx.GraphModule, plan: Plan) -> tuple[dict[fx.Node, int], set[int]]:
+    """Each node's piece number (consecutive, in graph order) and the pieces to recompute."""
+    piece, key_of, recompute = {}, {}, set()
+    current = 0
+    last_key = None
+    seen_layer = False
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        m = _LAYER.match(node.meta.get("ir", ""))
+        if m is None:
+            key = ("outside", "after" if seen_layer else "before")
+            mode = "none"
+        else:
+            seen_layer = True
+            layer, sub = int(m.group(1)), m.group(2) or "other"
+            mode = plan.checkpoint[layer] if layer < len(plan.checkpoint) else "none"
+            key = ("layer", layer) if mode in ("full", "none") else ("layer", layer, sub if sub == mode else "rest")
+        if key != last_key:
+            if key not in key_of:
+                key_of[key] = current
+                current += 1
+            last_key = key
+        piece[node] = key_of[key]
+        if m is not None and (mode == "full" or (mode in ("attn", "mlp") and key[-1] == mode)):
+            recompute.add(key_of[key])
+    return piece, recompute
+
+
+def forward_of(gm: fx.GraphModule, plan: Plan | None):
+    """The module a train step calls: gm itself, split for activation checkpointing, and
+    compiled, as the plan says."""
+    run: torch.nn.Module = gm
+    if plan is not None and any(c != "none" for c in plan.checkpoint):
+        piece, recompute = _pieces(gm, plan)
+        # Nodes without IR meta (packing helpers) join the piece of their first user, or
+        # of the previous node when unused.
+        prev = 0
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if node not in piece:
+                users = [piece[u] for u in node.users if u in piece]
+                piece[node] = min(users) if users else prev
+            prev = piece[node]
+        split = split_module(gm, gm, lambda n: piece[n], keep_original_order=True)
+        for node in split.graph.nodes:
+            if node.op == "call_module" and int(node.target.rsplit("_", 1)[1]) in recompute:
+                mod = split.get_submodule(node.target)
+                with split.graph.inserting_before(node):
+                    new = split.graph.call_function(_recompute, (split.graph.get_attr(node.target), *node.args),
+                                                    node.kwargs)
+                node.replace_all_uses_with(new)
+                split.graph.erase_node(node)
+                assert mod is not None
+        split.graph.lint()
+        split.recompile()
+        run = split
+    if plan is not None and plan.compile:
+        run = torch.compile(run)
+    return run
