@@ -10,15 +10,16 @@ swaps gives the same results within float rounding (tests/compiler/test_swaps.py
 
 | kernel | pattern (reference) | replacement |
 |---|---|---|
+| linear_cross_entropy | loss_sum(F.linear(h, W), targets) | effc::linear_cross_entropy (chunked) |
 | quant_linear | F.linear(x, dequantize_int8/int4/nf4(...)[, bias]) | effc::int8_linear, int4_linear, nf4_linear |
 | lora_linear | F.linear(x, W[, b]) + F.linear(F.linear(x or dropout(x), A), B) * s | effc::lora_linear |
-| linear_cross_entropy | loss_sum(F.linear(h, W), targets) | effc::linear_cross_entropy (chunked) |
 | rms_norm | rms_norm_ref(x, w, eps) | effc::rms_norm |
 | swiglu | swiglu_ref(gate, up) | effc::swiglu |
 | rotary | rotary_ref(x, cos, sin, heads) | effc::rotary |
 
-Swaps run in that order (a quantized base is claimed by quant_linear before LoRA's
-pattern could read its dequantized weight). `swap(gm, ir, kernels)` applies those named
+Swaps run in that order: the fused loss takes a quantized head's dequantized weight as
+its operand (a (V, D) temporary instead of the (N, V) logits), and a quantized base is
+claimed by quant_linear before LoRA's pattern could read its dequantized weight. `swap(gm, ir, kernels)` applies those named
 and returns one `Fired` record per replacement, with the IR nodes (and so the source
 spans) it covered.
 """
@@ -40,7 +41,7 @@ from effc.kernels.rmsnorm import rms_norm_ref
 from effc.kernels.rotary import rotary_ref
 from effc.kernels.swiglu import swiglu_ref
 
-KERNELS = ("quant_linear", "lora_linear", "linear_cross_entropy", "rms_norm", "swiglu", "rotary")
+KERNELS = ("linear_cross_entropy", "quant_linear", "lora_linear", "rms_norm", "swiglu", "rotary")
 # The kernels whose saved tensors the cost model (effc.compiler.cost) counts: with the
 # others (fused LoRA, fused head + loss) the step saves less than the estimate says.
 COSTED = ("quant_linear", "rms_norm", "swiglu", "rotary")
@@ -130,6 +131,9 @@ class Pattern:
 def _patterns() -> list[Pattern]:
     lora = lambda m: (m["x"], m["w"], m.get("bias"), m["a"], m["b"], m["s"], m.get("xd"))  # noqa: E731
     return [
+        # first: a quantized head's dequantized weight is then the fused loss's operand
+        # (a (V, D) temporary instead of the (N, V) logits)
+        Pattern("linear_cross_entropy", "linear_cross_entropy", _linear_ce, lambda m: (m["h"], m["w"], m["targets"])),
         Pattern("quant_linear", "int8_linear", _int8, lambda m: (m["x"], m["q"], m["scale"], None)),
         Pattern("quant_linear", "int8_linear", _int8_bias, lambda m: (m["x"], m["q"], m["scale"], m["bias"])),
         Pattern("quant_linear", "int4_linear", _int4,
@@ -143,7 +147,6 @@ def _patterns() -> list[Pattern]:
         Pattern("lora_linear", "lora_linear", _lora_dropout, lora),
         Pattern("lora_linear", "lora_linear", _lora_bias, lora),
         Pattern("lora_linear", "lora_linear", _lora, lora),
-        Pattern("linear_cross_entropy", "linear_cross_entropy", _linear_ce, lambda m: (m["h"], m["w"], m["targets"])),
         Pattern("rms_norm", "rms_norm", rms_norm_ref, lambda m: (m["x"], m["w"], m["eps"])),
         Pattern("swiglu", "swiglu", swiglu_ref, lambda m: (m["gate"], m["up"])),
         Pattern("rotary", "rotary", rotary_ref, lambda m: tuple(m.values())),  # x, cos, sin, heads

