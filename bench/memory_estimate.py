@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from effc.compiler.swaps import COSTED
 from effc.compiler.adapters import prefix_length
 from effc.compiler.pipeline import compile_checked
+from effc.compiler.swaps import COSTED
 from effc.compiler.to_fx import graph_output, to_fx
 from effc.lang.check import check_file
 from effc.runtime.memory import measure_step, warm_adamw

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -285,7 +284,7 @@ def worker_effc(work: Path, workload: str, overrides: list[str], warmup: int, st
             with precision(plan):
                 part = forward(xm, ym)
             (part.float() / count).backward()
-            total += float(part)
+            total += part.detach().item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return total / count
@@ -345,7 +344,11 @@ def run_worker(args, workload: str, system: str, overrides) -> dict:
 
 
 def summarise(rows: list[dict], peak: dict) -> None:
+    # transformers computes the same model: effc's cost model's FLOPs of the step count for it too
+    flops = next((r["flops_step"] for r in rows if "flops_step" in r), None)
     for r in rows:
+        if "error" not in r and "flops_step" not in r and flops is not None:
+            r["flops_step"] = flops
         if "error" in r:
             continue
         r["step_s"] = statistics.median(r["times"])
@@ -353,22 +356,23 @@ def summarise(rows: list[dict], peak: dict) -> None:
         r["loss_at_20"] = r["losses"][-1]
         if "flops_step" in r:
             r["flops_per_s"] = r["flops_step"] / r["step_s"]
-            r["of_peak"] = r["flops_per_s"] / peak["bfloat16" if "bf16" in r["plan"] else "float32"]
+            r["of_peak"] = r["flops_per_s"] / peak["bfloat16" if "bf16" in r["plan"] or "bf16" in r.get(
+                "workload", "") else "float32"]
 
 
 def table(workload: str, rows: list[dict]) -> str:
     hf = next((r for r in rows if r["system"] == "hf" and "error" not in r), None)
-    head = (f"{'system':8} {'plan':62} {'tok/s':>7} {'x hf':>5} {'VmHWM MiB':>9} {'x hf':>5} {'load MiB':>8} "
+    head = (f"{'system':8} {'plan':74} {'tok/s':>7} {'x hf':>5} {'VmHWM MiB':>9} {'x hf':>5} {'load MiB':>8} "
             f"{'tensor MiB':>10} {'x hf':>5} {'loss@end':>9} {'of peak':>7}")
     lines = [f"{workload}: batch {BATCH} x seq {SEQ}, LoRA r{RANK} on q,v", head]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['system']:8} {r.get('plan_overrides', '')!s:62} failed: {r['error'].splitlines()[-1]}")
+            lines.append(f"{r['system']:8} {r.get('plan_overrides', '')!s:74} failed: {r['error'].splitlines()[-1]}")
             continue
 
         def ratio(key):
             return f"{r[key] / hf[key]:5.2f}" if hf else "    -"
-        lines.append(f"{r['system']:8} {r['plan'][:62]:62} {r['tokens_per_s']:7.0f} {ratio('tokens_per_s')} "
+        lines.append(f"{r['system']:8} {r['plan'][:74]:74} {r['tokens_per_s']:7.0f} {ratio('tokens_per_s')} "
                      f"{r['vmhwm'] / 2**20:9.0f} {ratio('vmhwm')} {r['vmhwm_load'] / 2**20:8.0f} "
                      f"{r['tensor_peak'] / 2**20:10.0f} "
                      f"{ratio('tensor_peak')} {r['loss_at_20']:9.4f} "
@@ -414,6 +418,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     ap.add_argument("--force-bf16", action="store_true", help="run w1_bf16 even where bf16 matmuls are emulated")
     ap.add_argument("--profile", action="store_true", help="profile one more step in every worker (torch.profiler)")
+    ap.add_argument("--from-json", type=Path, help="print the table of an earlier run's JSON again (and update it)")
     ap.add_argument("--worker", choices=["hf", "effc"], help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--plan", action="append", default=[], help=argparse.SUPPRESS)
@@ -431,7 +436,22 @@ def main() -> None:
         print(json.dumps(res))
         return
 
-    t_start = time.perf_counter()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        peak = saved["matmul_peak_flops"]
+        rows_by = saved["results"]
+        for rows in rows_by.values():
+            summarise(rows, peak)
+        skipped = [line for line in saved["table"].splitlines() if "skipped" in line]
+        if "seconds" not in saved:  # written before the field existed: the table's last line has it
+            saved["seconds"] = float(saved["table"].rsplit("total ", 1)[1].split(" s")[0])
+        text = "\n".join(report(rows_by, peak, skipped, saved["threads"], saved["seconds"]))
+        print(text)
+        saved["table"] = text
+        args.from_json.write_text(json.dumps(saved, indent=1))
+        return
+
+    t_start, load_start = time.perf_counter(), list(os.getloadavg())
     args.work.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-c", f"import sys; sys.argv = ['x']; sys.path.insert(0, {str(ROOT / 'bench')!r}); "
                     f"import train_speed as T; from pathlib import Path; T.prepare(Path({str(args.work)!r}), "
@@ -451,9 +471,34 @@ def main() -> None:
                 res = run_worker(args, w, system, overrides)
                 res.update(system=system, plan_overrides=list(overrides or ()), round=rnd)
                 results[w].append(res)
+    rows_by = merge_rounds(results, peak)
+    lines = report(rows_by, peak, skipped, args.threads, time.perf_counter() - t_start)
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "bench/train_speed.py", "command": "python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_start": load_start},
+        "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+        "matmul_peak_flops": peak, "table": text, "seconds": time.perf_counter() - t_start,
+        "results": {w: [{k: v for k, v in r.items()} for r in rows] for w, rows in rows_by.items()},
+    }, indent=1))
+    print(f"wrote {args.out}")
+    profiles = [f"## {w}: {r['system']} [{r.get('plan', '')}]\n{r['profile']}" for w, rows in rows_by.items()
+                for r in rows if r.get("profile")]
+    if profiles:
+        path = args.out.with_suffix(".profile.txt")
+        path.write_text("\n\n".join(profiles))
+        print(f"wrote {path}")
+
+
+def merge_rounds(results: dict, peak: dict) -> dict:
+    """Rounds merged per configuration: every timed step of every round, the largest
+    peaks."""
     rows_by = {}
     for w, rows in results.items():
-        # rounds merged per configuration: every timed step of every round
         merged = {}
         for r in rows:
             key = (r["system"], tuple(r["plan_overrides"]))
@@ -465,8 +510,13 @@ def main() -> None:
                 continue
             m["times"] = m["times"] + r["times"]
             m["vmhwm"] = max(m["vmhwm"], r["vmhwm"])
+            m["tensor_peak"] = max(m["tensor_peak"], r["tensor_peak"])
         rows_by[w] = list(merged.values())
         summarise(rows_by[w], peak)
+    return rows_by
+
+
+def report(rows_by: dict, peak: dict, skipped: list[str], threads: int, seconds: float) -> list[str]:
     lines = []
     for w, rows in rows_by.items():
         lines.append(table(w, rows))
@@ -476,27 +526,8 @@ def main() -> None:
         lines += w2_report(rows_by["w1"], rows_by["w2"])
     lines += skipped
     lines.append(f"matmul peak (2048^3): float32 {peak['float32'] / 1e9:.1f} GFLOP/s, bfloat16 "
-                 f"{peak['bfloat16'] / 1e9:.1f} GFLOP/s; {args.threads} threads; total "
-                 f"{time.perf_counter() - t_start:.0f} s")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "benchmark": "bench/train_speed.py", "command": "python " + " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_start": list(os.getloadavg())},
-        "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-        "matmul_peak_flops": peak, "table": text,
-        "results": {w: [{k: v for k, v in r.items()} for r in rows] for w, rows in rows_by.items()},
-    }, indent=1))
-    print(f"wrote {args.out}")
-    profiles = [f"## {w}: {r['system']} [{r.get('plan', '')}]\n{r['profile']}" for w, rows in rows_by.items()
-                for r in rows if r.get("profile")]
-    if profiles:
-        path = args.out.with_suffix(".profile.txt")
-        path.write_text("\n\n".join(profiles))
-        print(f"wrote {path}")
+                 f"{peak['bfloat16'] / 1e9:.1f} GFLOP/s; {threads} threads; total {seconds:.0f} s")
+    return lines
 
 
 def w2_report(w1: list[dict], w2: list[dict]) -> list[str]:
@@ -512,10 +543,12 @@ def w2_report(w1: list[dict], w2: list[dict]) -> list[str]:
             continue
         saved = r1["weight_bytes"] - r2["weight_bytes"]
         drop = r1["vmhwm"] - r2["vmhwm"]
+        tdrop = r1["tensor_peak"] - r2["tensor_peak"]
         out.append(f"w2 [{r2['plan']}]: weight bytes {r2['weight_bytes'] / 2**20:.1f} MiB vs "
-                   f"{r1['weight_bytes'] / 2**20:.1f} MiB fp32; predicted saving {saved / 2**20:.1f} MiB, VmHWM drop "
-                   f"{drop / 2**20:.1f} MiB ({drop / saved:.2f}x of predicted, target within 10%); tokens/s "
-                   f"{r2['tokens_per_s']:.0f} vs {r1['tokens_per_s']:.0f} fp32")
+                   f"{r1['weight_bytes'] / 2**20:.1f} MiB fp32 ({r2['weight_bytes'] / r1['weight_bytes']:.3f}x, "
+                   f"target <= 0.3x); predicted saving {saved / 2**20:.1f} MiB; VmHWM drop {drop / 2**20:.1f} MiB "
+                   f"({drop / saved:.2f}x of predicted, target 0.9-1.1x); tensor-peak drop {tdrop / 2**20:.1f} MiB "
+                   f"({tdrop / saved:.2f}x); tokens/s {r2['tokens_per_s']:.0f} vs {r1['tokens_per_s']:.0f} fp32")
     return out
 
 

@@ -25,13 +25,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from effc.compiler.swaps import COSTED
 from effc.compiler.adapters.mos import shard_index
 from effc.compiler.cost import estimate
 from effc.compiler.ir import ADAPTERS, IR
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.pipeline import PASSES, model_ir
+from effc.compiler.swaps import COSTED
 from effc.compiler.to_fx import fx_name, to_fx
 from effc.lang.check import check_source
 from effc.runtime.checkpoint import read_tensors, write_tensors

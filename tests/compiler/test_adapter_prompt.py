@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from effc.compiler.swaps import COSTED
 from effc.compiler.adapters import CannotMerge, prefix_length
 from effc.compiler.cost import estimate
 from effc.compiler.ir import IR
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.pipeline import PASSES
+from effc.compiler.swaps import COSTED
 from effc.compiler.to_fx import IGNORE, fx_name
 from effc.lang.check import check_source
 from effc.runtime.generate import Decoder

@@ -19,9 +19,7 @@ from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.to_fx import loss_sum, to_fx
 from effc.kernels.attention import attention
-from effc.kernels.rmsnorm import rms_norm
-from effc.kernels.rotary import rotary, rotary_ref
-from effc.kernels.swiglu import swiglu
+from effc.kernels.rotary import rotary_ref
 from effc.runtime.model import materialize, merged_state, state_of
 
 SEQ = 8

@@ -19,12 +19,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effc.runtime.distill import KERNELS as DISTILL_KERNELS
 from effc.compiler.pipeline import model_ir
 from effc.kernels import quant as Q
 from effc.lang.check import check_source
 from effc.runtime import compress as C
 from effc.runtime import distill
+from effc.runtime.distill import KERNELS as DISTILL_KERNELS
 from effc.runtime.model import dense_ir, dense_state, materialize, merged_state, state_of
 from effc.runtime.run import adapter_args
 from effc.runtime.train import Hooks, TrainSpec, train

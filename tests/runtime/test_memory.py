@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from effc.compiler.swaps import COSTED
 from effc.compiler.cost import ID_BYTES, Cost, estimate
 from effc.compiler.ir import IR, Op
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.pipeline import PASSES
+from effc.compiler.swaps import COSTED
 from effc.compiler.to_fx import to_fx
 from effc.runtime.memory import LiveBytes, StepMemory, measure_step, warm_adamw
 

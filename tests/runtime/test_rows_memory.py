@@ -18,12 +18,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from effc.compiler.swaps import COSTED
 from effc.compiler.cost import Cost, estimate
 from effc.compiler.ir import IR, Op
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
 from effc.compiler.pipeline import PASSES, model_ir
+from effc.compiler.swaps import COSTED
 from effc.lang.check import check_source
 from effc.runtime import data as D
 from effc.runtime.checkpoint import read_tensors
