@@ -114,6 +114,20 @@ def test_rms_norm_saves_input_and_rstd_only():
     close(per_row, expected, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rms_norm_opcheck(dtype):
+    """effc::rms_norm and its backward op: schema, fake kernel, autograd registration and
+    AOT dispatch (torch.library.opcheck), on a 3-D and a non-contiguous input."""
+    x = randn(3, 5, 7, dtype=torch.float32, seed=20, grad=False).to(dtype).requires_grad_()
+    w = randn(7, dtype=torch.float32, seed=21, grad=False).to(dtype).requires_grad_()
+    torch.library.opcheck(torch.ops.effc.rms_norm.default, (x, w, 1e-5))
+    xt = randn(7, 5, dtype=torch.float32, seed=22, grad=False).to(dtype).t()  # (5, 7), not contiguous
+    torch.library.opcheck(torch.ops.effc.rms_norm.default, (xt, w.detach(), 1e-3))
+    rstd = torch.ops.effc.rms_norm(x.detach(), w.detach(), 1e-5)[1]
+    g = randn(3, 5, 7, dtype=torch.float32, seed=23, grad=False).to(dtype)
+    torch.library.opcheck(torch.ops.effc.rms_norm_backward.default, (g, x.detach(), w.detach(), rstd))
+
+
 # ---------------------------------------------------------------- SwiGLU
 
 
