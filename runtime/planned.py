@@ -10,7 +10,9 @@ micro-batches by the training loop (`accumulate`). This module does the rest:
   reentrant, RNG state preserved, so dropout draws the same masks when recomputed).
   The pieces hold the same Parameter objects as `gm`: the optimizer, checkpoints and
   snapshots keep reading `gm`. With `compile`, the callable goes through torch.compile.
-- `precision(plan)`: the autocast context of a forward and backward (bf16), or none.
+- `precision(plan)`: the autocast context each forward runs in (bf16), or none; backward
+  follows the dtypes the forward recorded.
+- `problems(plan)`: what this machine cannot do with the plan, said before training.
 """
 
 from __future__ import annotations
@@ -26,6 +28,23 @@ from torch.utils.checkpoint import checkpoint
 from effc.compiler.plan import Plan
 
 _LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
+
+
+def problems(plan: Plan) -> tuple[list[tuple[str, str]], list[str]]:
+    """What this machine cannot do with the plan: (errors as (message, hint), notes).
+    torch.compile generates C++ on CPU and needs a compiler; bf16 without the CPU's bf16
+    matmul instructions runs emulated, orders of magnitude slower than fp32."""
+    import shutil
+
+    errors, notes = [], []
+    cuda = torch.cuda.is_available()
+    if plan.compile and not cuda and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        errors.append(("--plan compile=true: torch.compile needs a C++ compiler on CPU, and none is on the PATH",
+                       "install one (apt-get install g++), or leave compile off"))
+    if plan.precision == "bf16" and not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        notes.append("this CPU has no bf16 matmul instructions: precision=bf16 runs them emulated, far slower "
+                     "than fp32 (bench/train_speed.py measured 0.3 against 188 GFLOP/s on one such machine)")
+    return errors, notes
 
 
 def precision(plan: Plan | None):
@@ -86,13 +105,11 @@ def forward_of(gm: fx.GraphModule, plan: Plan | None):
         split = split_module(gm, gm, lambda n: piece[n], keep_original_order=True)
         for node in split.graph.nodes:
             if node.op == "call_module" and int(node.target.rsplit("_", 1)[1]) in recompute:
-                mod = split.get_submodule(node.target)
                 with split.graph.inserting_before(node):
                     new = split.graph.call_function(_recompute, (split.graph.get_attr(node.target), *node.args),
                                                     node.kwargs)
                 node.replace_all_uses_with(new)
                 split.graph.erase_node(node)
-                assert mod is not None
         split.graph.lint()
         split.recompile()
         run = split

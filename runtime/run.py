@@ -509,9 +509,15 @@ class _Run:
         ir, _ = model_ir(self.r, step.model.name, step.span)
         plan = default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir))
         try:
-            return overridden(plan, list(self.opts.plan))
+            plan = overridden(plan, list(self.opts.plan))
         except PlanError as e:
             self.fail("E0112", e.message, Span("<command line>", 1, 1, 1, 2), e.hint)
+        errors, notes = planned.problems(plan)
+        for message, hint in errors:
+            self.fail("E0112", message, Span("<command line>", 1, 1, 1, 2), hint)
+        for note in notes:
+            self.rep.line(f"  note: {note}")
+        return plan
 
     def restore_choices(self, folder: Path) -> None:
         """A cached stage's run-time choices (which sublayers drop_sublayers removed): the

@@ -235,3 +235,21 @@ def test_compile_runs_the_same_step():
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6 * float(g0[k].abs().max()) + 1e-9)
+
+
+def test_what_the_machine_cannot_do_is_said_before_training(monkeypatch):
+    """compile without a C++ compiler is an error with a hint; bf16 on a CPU without bf16
+    matmul instructions is a note (it runs, slowly)."""
+    import shutil
+
+    from effc.runtime import planned
+
+    plan = overridden(default_plan(4, 1, LAYERS), parse_overrides(["compile=true", "precision=bf16"]))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    errors, notes = planned.problems(plan)
+    assert errors == [("--plan compile=true: torch.compile needs a C++ compiler on CPU, and none is on the PATH",
+                       "install one (apt-get install g++), or leave compile off")]
+    assert len(notes) == 1 and "no bf16 matmul instructions" in notes[0]
+    assert planned.problems(default_plan(4, 1, LAYERS)) == ([], [])
