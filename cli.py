@@ -33,6 +33,9 @@ PLAN_HELP = ("override a field of every train step's execution plan (repeatable)
              "kernels=all|none|NAME,..., compile=true|false")
 
 
+MEMORY_HELP = "the memory budget per device, replacing the file's budget(memory=...): --memory 8GiB"
+
+
 class OutputFormat(str, Enum):
     text = "text"
     json = "json"
@@ -72,15 +75,29 @@ def _plan_overrides(items: list[str]) -> tuple[list[tuple[str, str]], list]:
         return [], [error("E0112", e.message, Span("<command line>", 1, 1, 1, 2), e.hint)]
 
 
-def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: list[str] = ()):
+def _memory(text: str | None) -> tuple[int | None, list]:
+    from effc.lang.parser import size_bytes
+
+    if text is None:
+        return None, []
+    n = size_bytes(text)
+    if n is None or n <= 0:
+        return None, [error("E0113", f"--memory {text}: not a size", Span("<command line>", 1, 1, 1, 2),
+                            "write it as the language does: --memory 8GiB, 512MiB or 1.5GB")]
+    return n, []
+
+
+def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: list[str] = (),
+                       memory: str | None = None):
     """check + cost: returns (result, compiled) or exits with the diagnostics."""
     from effc.compiler.pipeline import compile_checked
 
     overrides, bad = _overrides(set_)
     plan_pairs, bad_plan = _plan_overrides(list(plan))
-    bad += bad_plan
+    budget, bad_memory = _memory(memory)
+    bad += bad_plan + bad_memory
     result = check_file(str(file), overrides=overrides)
-    compiled = compile_checked(result, plan_pairs) if result.ok and not bad else None
+    compiled = compile_checked(result, plan_pairs, budget) if result.ok and not bad else None
     if compiled is not None:  # a predicted peak over the budget is a mistake too
         result.diagnostics = sort_diagnostics(result.diagnostics + list(compiled.diagnostics))
     status = _report(result, file, fmt, bad)
@@ -94,9 +111,10 @@ def check(
     file: Path = typer.Argument(..., help="the .eff file"),
     format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text for people, json for tools"),
     set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
+    memory: Optional[str] = typer.Option(None, "--memory", help=MEMORY_HELP),
 ) -> None:
     """Find every mistake in a .eff file before anything runs (exit 1 on any error)."""
-    _check_and_compile(file, set_, format)
+    _check_and_compile(file, set_, format, memory=memory)
     if format is OutputFormat.text:
         typer.echo(f"{file}: ok", err=True)
 
@@ -107,11 +125,12 @@ def build(
     out: Path = typer.Option(Path("build"), "-o", "--out", help="the build folder (replaced atomically)"),
     set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
     plan: List[str] = typer.Option([], "--plan", help=PLAN_HELP),
+    memory: Optional[str] = typer.Option(None, "--memory", help=MEMORY_HELP),
 ) -> None:
     """Check, lower and cost every train step; write the IR, fx code, plan and cost table to a folder."""
     from effc.compiler.build import write_build
 
-    _, compiled = _check_and_compile(file, set_, OutputFormat.text, plan)
+    _, compiled = _check_and_compile(file, set_, OutputFormat.text, plan, memory)
     try:
         write_build(compiled, out)
     except OSError as exc:
@@ -131,13 +150,14 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="CPU threads (a resumed run is bit-identical at the same count)"),
     plan: List[str] = typer.Option([], "--plan", help=PLAN_HELP),
+    memory: Optional[str] = typer.Option(None, "--memory", help=MEMORY_HELP),
 ) -> None:
     """Run the pipeline: train, evaluate and export, stage by stage, reusing unchanged stages."""
     from effc.runtime.progress import ConsoleReporter
     from effc.runtime.run import RunFailed, RunOptions, run_pipeline
     from effc.runtime.train import Interrupted
 
-    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan)
+    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan, memory)
     folder = out or Path("runs") / (result.program.name or file.stem)
     reporter = ConsoleReporter()
     try:

@@ -93,8 +93,12 @@ def _budget_span(result: CheckResult) -> Span:
     return next(i.span for i in result.program.items if isinstance(i, ast.Budget))
 
 
-def _over_budget(result: CheckResult, b: TrainBuild) -> Diagnostic | None:
-    limit: Bytes = result.budget["memory"]
+# Where a `--memory` budget came from: it replaces the file's budget(memory=...).
+COMMAND_LINE = Span("<command line>", 1, 1, 1, 2)
+
+
+def _over_budget(result: CheckResult, b: TrainBuild, memory: int | None = None) -> Diagnostic | None:
+    limit = Bytes(memory) if memory is not None else result.budget["memory"]
     c = b.cost
     if c.peak_bytes <= limit.n:
         return None
@@ -102,8 +106,9 @@ def _over_budget(result: CheckResult, b: TrainBuild) -> Diagnostic | None:
              "activations": c.activation_bytes, "logits and their gradient": c.transient_bytes}
     largest = max(parts, key=parts.get)
     return error("E0404", f"predicted peak memory {_gib(c.peak_bytes)} of 'train {b.step.model.name}' "
-                 f"(stage {b.stage}, line {b.step.span.line}) exceeds the budget of {_gib(limit.n)}",
-                 _budget_span(result),
+                 f"(stage {b.stage}, line {b.step.span.line}) exceeds the budget of {_gib(limit.n)}"
+                 + (" (--memory)" if memory is not None else ""),
+                 COMMAND_LINE if memory is not None else _budget_span(result),
                  f"the largest part is {largest} ({_gib(parts[largest])}); a smaller batch per micro-batch "
                  f"(now {b.micro_batch}: raise accumulate=) or adapters instead of full training use less")
 
@@ -112,9 +117,11 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}GiB" if n >= 2**28 else f"{n / 2**20:.1f}MiB"
 
 
-def compile_checked(result: CheckResult, plan: list[tuple[str, str]] | None = None) -> Compiled:
+def compile_checked(result: CheckResult, plan: list[tuple[str, str]] | None = None,
+                    memory: int | None = None) -> Compiled:
     """Build and cost every train step of a program that checked without errors; `plan`
-    holds `--plan key=value` overrides of every step's execution plan."""
+    holds `--plan key=value` overrides of every step's execution plan, `memory` a
+    `--memory` budget in bytes that replaces the file's budget(memory=...)."""
     if not result.ok:
         raise ValueError("compile_checked needs a program that checked without errors")
     builds, diags = [], []
@@ -130,6 +137,6 @@ def compile_checked(result: CheckResult, plan: list[tuple[str, str]] | None = No
             except PlanError as exc:  # the same overrides fail every step: say it once
                 return Compiled((), (error("E0112", exc.message, Span("<command line>", 1, 1, 1, 2), exc.hint),))
             builds.append(b)
-            if result.budget is not None and (d := _over_budget(result, b)) is not None:
+            if (result.budget is not None or memory is not None) and (d := _over_budget(result, b, memory)) is not None:
                 diags.append(d)
     return Compiled(tuple(builds), tuple(diags))

@@ -32,6 +32,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0110": ("snapshot where a live model is needed", "A statement that changes or trains a model acts on the live model, never on a snapshot."),
     "E0111": ("unknown param override", "A '--set name=value' names no param of the file, or its value does not parse."),
     "E0112": ("bad plan override", "A '--plan key=value' names no field of the execution plan (micro_batch, accumulate, checkpoint, precision, kernels, compile), or its value is not one the field takes (for example a checkpoint list whose length is not the model's layer count)."),
+    "E0113": ("bad --memory value", "'--memory' takes a size as the language writes one (8GiB, 512MiB, 1.5GB); it replaces the file's budget(memory=...) for this command."),
     # selectors
     "E0201": ("selector root is not a model", "A selector starts with the name of a declared model."),
     "E0202": ("index out of range", "A list index or slice in a selector lies outside the list (for example layers[6] of a 6-layer model)."),

@@ -28,6 +28,13 @@ UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 
+def size_bytes(text: str) -> int | None:
+    """A size written as in the language (`8GiB`, `1.5GB`, `512MiB`) in bytes; None if
+    the text is not one."""
+    m = re.fullmatch(r"\s*([0-9]+\.?[0-9]*)(KiB|MiB|GiB|TiB|KB|MB|GB|TB|B)\s*", text)
+    return int(round(float(m.group(1)) * UNITS[m.group(2)])) if m else None
+
+
 class _LayoutError(Exception):
     def __init__(self, code: str, message: str, line: int, col: int, hint: str):
         super().__init__(message)

@@ -147,6 +147,24 @@ def test_check_costs_the_file_against_its_budget(tmp_path):
     assert runner.invoke(app, ["check", path]).exit_code == 0
 
 
+def test_memory_on_the_command_line_replaces_the_files_budget(tmp_path):
+    """--memory: the budget for this command (the file's, or none, is set aside), an
+    overrun reported at the command line; a value that is not a size is E0113."""
+    path = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1GiB)\nstage s:"))
+    r = runner.invoke(app, ["check", path, "--memory", "1KiB"])
+    assert r.exit_code == 1
+    assert "<command line>:1:1: error[E0404]: predicted peak memory" in r.stderr and "(--memory)" in r.stderr
+    plain = write(tmp_path, GOOD, "plain.eff")  # no budget in the file at all
+    assert runner.invoke(app, ["check", plain]).exit_code == 0
+    r = runner.invoke(app, ["build", plain, "-o", str(tmp_path / "b"), "--memory", "2KB"])
+    assert r.exit_code == 1 and "error[E0404]" in r.stderr and not (tmp_path / "b").exists()
+    tight = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1KiB)\nstage s:"), "tight.eff")
+    assert runner.invoke(app, ["check", tight, "--memory", "1.5GiB"]).exit_code == 0
+    r = runner.invoke(app, ["check", plain, "--memory", "lots"])
+    assert r.exit_code == 1
+    assert "<command line>:1:1: error[E0113]: --memory lots: not a size" in r.stderr and "8GiB" in r.stderr
+
+
 def test_build_writes_the_ir_and_cost_that_show_prints(tmp_path):
     from effc.compiler.ir import IR
 

@@ -27,8 +27,8 @@ mode), and its test is an expected failure. The marker is strict, so once the bu
 fixed the test reports XPASS as a failure: then remove the entry (and regenerate that
 golden if the fix words the message differently).
 
-E0010 (unreadable file), E0111 (a bad `--set` override) and E0112 (a bad `--plan` override,
-tests/runtime/test_plan.py) cannot come from a committed
+E0010 (unreadable file), E0111 (a bad `--set` override), E0112 (a bad `--plan` override,
+tests/runtime/test_plan.py) and E0113 (a bad `--memory`, tests/cli/test_cli.py) cannot come from a committed
 `.eff` file and have their own tests below; E9001 (internal error) is a checker bug by
 definition and has no corpus entry.
 """
@@ -56,7 +56,7 @@ EXPECT = re.compile(r"#\s*expect:\s*([EW]\d{4})\s+(\d+):(\d+)\s*$")
 # alone: tests/compiler/test_pipeline.py covers it.
 # E0501-E0504 are run-time problems (data, exports, the run folder, checkpoint weights):
 # tests/runtime covers them.
-NOT_FROM_A_FILE = {"E0010", "E0111", "E0112", "E0404", "E0501", "E0502", "E0503", "E0504", "E9001"}
+NOT_FROM_A_FILE = {"E0010", "E0111", "E0112", "E0113", "E0404", "E0501", "E0502", "E0503", "E0504", "E9001"}
 
 KNOWN_BUGS: dict[str, str] = {}
 
