@@ -44,6 +44,11 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
   (the residual stream, q/k/v before attention), the op's output and its temporaries
   (repeated k and v and a logsumexp in attention; one more output-sized tensor in
   SwiGLU, RMSNorm and a linear with adapters; an adapter's, as its kind says); the worst op counts;
+- activation checkpointing (an execution plan's `checkpoint`, one choice per layer): the
+  nodes of a recomputed piece -- a whole layer, or its attention or MLP sublayer, as
+  effc.runtime.planned splits the graph -- save nothing, and the piece saves its inputs
+  instead (the activations entering it: the residual stream); its backward recomputes
+  its own saves, so the largest piece's are added to the transient;
 - peak = weights + optimizer + max(gradients + activations + transient, forward).
   Gradients fill up while activations are freed, so the backward term is an upper
   bound: measured against a tensor-level tracker (tests/runtime/test_memory.py) it is
@@ -64,6 +69,7 @@ PaLM convention for attention (Chowdhery et al. 2022, appendix B; no causal halv
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from effc.compiler.adapters import kind_of, prefix_length
@@ -151,12 +157,6 @@ def _saved(ir: IR, rg: dict[str, bool]) -> list[tuple[str, set[str], int]]:
     return out
 
 
-def _saved_bytes_per_token(ir: IR, rg: dict[str, bool]) -> int:
-    saved = _saved(ir, rg)
-    shared = set().union(*(s for _, s, _ in saved))
-    return sum(e for _, _, e in saved) + sum(_width(ir.node(i)) * 4 for i in shared)
-
-
 def _forward_temporaries(ir: IR, n: Node) -> int:
     """Floats per token an op allocates in forward besides its output."""
     if n.op is Op.ATTENTION_CORE:
@@ -170,7 +170,7 @@ def _forward_temporaries(ir: IR, n: Node) -> int:
     return 0
 
 
-def _forward_peak_per_token(ir: IR, rg: dict[str, bool]) -> int:
+def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list | None = None) -> int:
     """Bytes per token live at the worst moment of forward: what was saved so far, every
     output still waiting for a consumer (the residual stream), and the op's own output
     and temporaries."""
@@ -179,7 +179,7 @@ def _forward_peak_per_token(ir: IR, rg: dict[str, bool]) -> int:
     last_use = {n.id: max((index[c] for c in ir.outputs(n.id)), default=index[n.id]) for n in nodes}
     saved_ids: set[str] = set()
     extra, worst = 0, 0
-    for i, ((id, shared, e), n) in enumerate(zip(_saved(ir, rg), nodes)):
+    for i, ((id, shared, e), n) in enumerate(zip(saved if saved is not None else _saved(ir, rg), nodes)):
         saved_ids |= shared
         extra += e
         live = {m.id for m in nodes[: i + 1] if last_use[m.id] >= i} | saved_ids
@@ -224,7 +224,61 @@ def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
     return fwd, fwd + bwd
 
 
-def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
+_LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
+
+
+def _recomputed(ir: IR, checkpoint: tuple[str, ...]) -> dict[str, tuple]:
+    """IR node id -> the piece it is recomputed in, under activation checkpointing: a whole
+    layer ("full") or its attention or MLP sublayer (the ids `layers[i].attn*`,
+    `layers[i].mlp*`), as effc.runtime.planned splits the graph."""
+    out = {}
+    for n in ir.nodes():
+        m = _LAYER.match(n.id)
+        if m is None or int(m.group(1)) >= len(checkpoint):
+            continue
+        layer, mode = int(m.group(1)), checkpoint[int(m.group(1))]
+        if mode == "full":
+            out[n.id] = (layer,)
+        elif mode in ("attn", "mlp") and m.group(2) == mode:
+            out[n.id] = (layer, mode)
+    return out
+
+
+def _checkpointed(ir: IR, rg: dict[str, bool], checkpoint: tuple[str, ...]) -> tuple[list, int]:
+    """The saved tensors under checkpointing, in _saved's form, and the bytes per token of
+    the largest piece's own saves, which its recomputation holds again during its
+    backward. A recomputed node saves nothing; the first node of each piece saves the
+    piece's inputs (what torch.utils.checkpoint keeps: the activations entering it)."""
+    saved = _saved(ir, rg)
+    piece = _recomputed(ir, checkpoint)
+    members: dict[tuple, list[str]] = {}
+    for id in piece:
+        members.setdefault(piece[id], []).append(id)
+    own = {k: _bytes_of([x for x in saved if x[0] in ids], ir) for k, ids in members.items()}
+    first = {ids[0]: k for k, ids in members.items()}
+    out = []
+    for id, shared, extra in saved:
+        if id not in piece:
+            out.append((id, shared, extra))
+            continue
+        inputs: set[str] = set()
+        if id in first:
+            ids = set(members[first[id]])
+            inputs = {s for i in ids for s in ir.inputs(i) if s not in ids and _width(ir.node(s))}
+        out.append((id, inputs, 0))
+    return out, max(own.values(), default=0)
+
+
+def _bytes_of(saved: list, ir: IR) -> int:
+    shared = set().union(*(s for _, s, _ in saved))
+    return sum(e for _, _, e in saved) + sum(_width(ir.node(i)) * 4 for i in shared)
+
+
+def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
+             checkpoint: tuple[str, ...] | None = None) -> Cost:
+    """The cost of one micro-batch of `batch` sequences of `seq` tokens; `checkpoint`, one
+    choice per layer ("none", "full", "attn", "mlp"), is an execution plan's activation
+    checkpointing (effc.compiler.plan)."""
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
     held = _stored(ir)
@@ -240,12 +294,14 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw") -> Cost:
     prefix = prefix_length(ir)
     seq += prefix
     tokens = batch * seq
+    saved, recompute = (_checkpointed(ir, rg, checkpoint) if checkpoint and any(c != "none" for c in checkpoint)
+                        else (_saved(ir, rg), 0))
     # The loss reads the input's own positions only: its log-probabilities skip the prefix.
-    loss_only = sum(e for id, _, e in _saved(ir, rg) if ir.node(id).op is Op.LOSS)
-    acts = tokens * _saved_bytes_per_token(ir, rg) - batch * prefix * loss_only + sum(
+    loss_only = sum(e for id, _, e in saved if ir.node(id).op is Op.LOSS)
+    acts = tokens * _bytes_of(saved, ir) - batch * prefix * loss_only + sum(
         kind_of(n).saved_per_step(ir, n, rg) for n in ir.nodes() if n.op in ADAPTERS and rg[n.id])
-    transient = tokens * _transient_per_token(ir, rg)
-    forward = tokens * _forward_peak_per_token(ir, rg)
+    transient = tokens * (_transient_per_token(ir, rg) + recompute)
+    forward = tokens * _forward_peak_per_token(ir, rg, saved)
     fwd, train = _flops(ir, rg, seq)
     # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
     peak = weights + opt + max(grads + acts + transient, forward)

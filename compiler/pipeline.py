@@ -81,7 +81,8 @@ def _build(result: CheckResult, stage: str, step: Step, overrides: list) -> Trai
     # `batch` sequences per optimizer step arrive as `accumulate` micro-batches (the plan's).
     plan = overridden(default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir)), overrides)
     micro = plan.micro_batch
-    return TrainBuild(stage, step, ir, report, estimate(ir, 2 * micro if encoder else micro, seq), micro, plan)
+    cost = estimate(ir, 2 * micro if encoder else micro, seq, checkpoint=plan.checkpoint)
+    return TrainBuild(stage, step, ir, report, cost, micro, plan)
 
 
 def layer_count(ir: IR) -> int:

@@ -211,6 +211,10 @@ def test_build_stores_the_plan_and_show_lists_the_swaps(tmp_path):
     assert r.returncode == 0, r.stderr
     steps = json.loads((tmp_path / "b" / "build.json").read_text())["steps"]
     assert [s["plan"]["checkpoint"] for s in steps] == [["attn", "attn"]] * 2
+    assert effc("build", "p.eff", "-o", "d", cwd=tmp_path).returncode == 0
+    plain = json.loads((tmp_path / "d" / "build.json").read_text())["steps"]
+    for a, b in zip(steps, plain):  # the cost table is the plan's: checkpointing keeps less
+        assert a["cost"]["activation_bytes"] < b["cost"]["activation_bytes"]
     tune = steps[1]["swaps"]
     assert sum(s["kernel"] == "lora_linear" for s in tune) == 4
     assert all(s["source"].startswith("p.eff:") for s in tune)
@@ -253,3 +257,34 @@ def test_what_the_machine_cannot_do_is_said_before_training(monkeypatch):
                        "install one (apt-get install g++), or leave compile off")]
     assert len(notes) == 1 and "no bf16 matmul instructions" in notes[0]
     assert planned.problems(default_plan(4, 1, LAYERS)) == ([], [])
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "attn", "mlp", "full,none,mlp"])
+@pytest.mark.parametrize("body", ["", LORA.replace(", dropout=0.1", "")])
+def test_the_cost_model_counts_checkpointed_activations(mode, body):
+    """What a forward leaves saved for backward under each checkpointing choice, measured
+    at the tensor level (runtime/memory.py) against estimate(..., checkpoint=...): equal
+    to within the token ids of full training (the measurement holds them as inputs); and
+    the backward's live bytes stay under the estimate's bound."""
+    from effc.compiler.cost import estimate
+    from effc.compiler.swaps import COSTED
+    from effc.runtime.memory import LiveBytes
+
+    ir, gm = graph(body, kernels=COSTED)  # the kernels the cost model counts
+    x, y = batch(6, seed=3)
+    plan = apply(default_plan(6, 1, LAYERS), "checkpoint", mode)
+    run = forward_of(gm, plan)
+    gm.train()
+    with LiveBytes() as live:
+        for t in [*gm.parameters(), *gm.buffers(), x, y]:
+            live.track(t)
+        base = live.bytes
+        loss = run(x, y)
+        saved = live.bytes - base
+        loss.backward()
+        backward = live.peak - base
+    c = estimate(ir, 6, SEQ, checkpoint=plan.checkpoint)
+    assert abs(c.activation_bytes - saved) <= 8 * x.numel() + 8  # token ids, and the scalar loss
+    assert backward <= c.activation_bytes + c.grad_bytes + c.transient_bytes
+    if mode != "none":
+        assert c.activation_bytes < estimate(ir, 6, SEQ).activation_bytes
