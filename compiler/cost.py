@@ -44,6 +44,11 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
   (the residual stream, q/k/v before attention), the op's output and its temporaries
   (repeated k and v and a logsumexp in attention; one more output-sized tensor in
   SwiGLU, RMSNorm and a linear with adapters; an adapter's, as its kind says); the worst op counts;
+- the fused head + loss (the kernel swap `linear_cross_entropy`, when the plan's
+  `kernels` name it and the head has no adapter or prompt in the way): the head saves
+  nothing and the loss saves the input gradient it computed in forward (dim, when the
+  head's input needs one) and, with a trainable head, its weight's gradient (once a
+  step); the (tokens, vocab) logits never exist, in forward or backward;
 - activation checkpointing (an execution plan's `checkpoint`, one choice per layer): the
   nodes of a recomputed piece -- a whole layer, or its attention or MLP sublayer, as
   effc.runtime.planned splits the graph -- save nothing, and the piece saves its inputs
@@ -170,10 +175,24 @@ def _forward_temporaries(ir: IR, n: Node) -> int:
     return 0
 
 
-def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list | None = None) -> int:
+def fused_head(ir: IR) -> tuple[str, str] | None:
+    """(head, loss) ids when the kernel swap `linear_cross_entropy` fuses them: the loss
+    reads a linear that has no adapters, and no soft prompt's positions are dropped in
+    between (effc.compiler.swaps)."""
+    loss = next((n for n in ir.nodes() if n.op is Op.LOSS), None)
+    if loss is None or prefix_length(ir):
+        return None
+    head = ir.node(ir.inputs(loss.id)[0])
+    return (head.id, loss.id) if head.op is Op.LINEAR and len(ir.inputs(head.id)) == 1 else None
+
+
+def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list | None = None,
+                            fused: tuple[str, str] | None = None) -> int:
     """Bytes per token live at the worst moment of forward: what was saved so far, every
     output still waiting for a consumer (the residual stream), and the op's own output
-    and temporaries."""
+    and temporaries. With the head and loss `fused`, the logits never exist: the head has
+    no output, and the loss holds one chunk of logits (min(vocab, dim) floats a token at
+    the default chunk) and the input gradient (dim) it computes in forward."""
     nodes = ir.nodes()
     index = {n.id: i for i, n in enumerate(nodes)}
     last_use = {n.id: max((index[c] for c in ir.outputs(n.id)), default=index[n.id]) for n in nodes}
@@ -183,18 +202,26 @@ def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list | None = No
         saved_ids |= shared
         extra += e
         live = {m.id for m in nodes[: i + 1] if last_use[m.id] >= i} | saved_ids
-        worst = max(worst, extra + 4 * (sum(_width(ir.node(j)) for j in live) + _forward_temporaries(ir, n)))
+        if fused:
+            live.discard(fused[0])
+        temporaries = _forward_temporaries(ir, n)
+        if fused and n.id == fused[1]:
+            d, v = _width(ir.node(ir.inputs(fused[0])[0])), _width(ir.node(fused[0]))
+            temporaries = min(v, d) + d
+        worst = max(worst, extra + 4 * (sum(_width(ir.node(j)) for j in live) + temporaries))
     return worst
 
 
-def _transient_per_token(ir: IR, rg: dict[str, bool]) -> int:
+def _transient_per_token(ir: IR, rg: dict[str, bool], fused: tuple[str, str] | None = None) -> int:
     """Bytes per token of the largest set of temporaries one op's backward holds beside
     the saved activations (see the module docstring)."""
     worst = 0
     for n in ir.nodes():
         if not rg[n.id]:
             continue
-        if n.op is Op.LOSS:
+        if fused and n.id == fused[1]:  # the saved input gradient scaled, and its sum into the input's
+            t = 2 * _width(ir.node(ir.inputs(fused[0])[0]))
+        elif n.op is Op.LOSS:
             t = 2 * _width(ir.node(ir.inputs(n.id)[0]))  # grads of the log-probs and the logits
         elif n.op is Op.SWIGLU:
             t = 4 * _width(n)  # output grad, sigmoid, and the two input grads
@@ -275,10 +302,11 @@ def _bytes_of(saved: list, ir: IR) -> int:
 
 
 def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
-             checkpoint: tuple[str, ...] | None = None) -> Cost:
+             checkpoint: tuple[str, ...] | None = None, kernels: tuple[str, ...] | None = None) -> Cost:
     """The cost of one micro-batch of `batch` sequences of `seq` tokens; `checkpoint`, one
     choice per layer ("none", "full", "attn", "mlp"), is an execution plan's activation
-    checkpointing (effc.compiler.plan)."""
+    checkpointing, `kernels` its kernel swaps (effc.compiler.plan; None: those whose
+    saved tensors the references' accounting describes, effc.compiler.swaps.COSTED)."""
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
     held = _stored(ir)
@@ -296,12 +324,20 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
     tokens = batch * seq
     saved, recompute = (_checkpointed(ir, rg, checkpoint) if checkpoint and any(c != "none" for c in checkpoint)
                         else (_saved(ir, rg), 0))
+    fused = fused_head(ir) if kernels is not None and "linear_cross_entropy" in kernels else None
+    per_step = sum(kind_of(n).saved_per_step(ir, n, rg) for n in ir.nodes() if n.op in ADAPTERS and rg[n.id])
+    if fused:  # the fused loss saves the input gradient it computed in forward, not the log-probabilities
+        head, loss = fused
+        h = ir.inputs(head)[0]
+        saved = [(id, set() if id == head else shared, 4 * _width(ir.node(h)) * rg[h] if id == loss else e)
+                 for id, shared, e in saved]
+        w = ir.node(head).params[0]
+        per_step += w.numel * DTYPE_BYTES[w.dtype] if w.trainable else 0  # and the weight's gradient
     # The loss reads the input's own positions only: its log-probabilities skip the prefix.
     loss_only = sum(e for id, _, e in saved if ir.node(id).op is Op.LOSS)
-    acts = tokens * _bytes_of(saved, ir) - batch * prefix * loss_only + sum(
-        kind_of(n).saved_per_step(ir, n, rg) for n in ir.nodes() if n.op in ADAPTERS and rg[n.id])
-    transient = tokens * (_transient_per_token(ir, rg) + recompute)
-    forward = tokens * _forward_peak_per_token(ir, rg, saved)
+    acts = tokens * _bytes_of(saved, ir) - batch * prefix * loss_only + per_step
+    transient = tokens * (_transient_per_token(ir, rg, fused) + recompute)
+    forward = tokens * _forward_peak_per_token(ir, rg, saved, fused)
     fwd, train = _flops(ir, rg, seq)
     # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
     peak = weights + opt + max(grads + acts + transient, forward)

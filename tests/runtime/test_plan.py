@@ -259,18 +259,22 @@ def test_what_the_machine_cannot_do_is_said_before_training(monkeypatch):
     assert planned.problems(default_plan(4, 1, LAYERS)) == ([], [])
 
 
+@pytest.mark.parametrize("kernels", ["costed", "all"])
 @pytest.mark.parametrize("mode", ["none", "full", "attn", "mlp", "full,none,mlp"])
 @pytest.mark.parametrize("body", ["", LORA.replace(", dropout=0.1", "")])
-def test_the_cost_model_counts_checkpointed_activations(mode, body):
-    """What a forward leaves saved for backward under each checkpointing choice, measured
-    at the tensor level (runtime/memory.py) against estimate(..., checkpoint=...): equal
-    to within the token ids of full training (the measurement holds them as inputs); and
-    the backward's live bytes stay under the estimate's bound."""
+def test_the_cost_model_counts_the_plans_activations(mode, body, kernels):
+    """What a forward leaves saved for backward under each checkpointing choice, with the
+    reference-equivalent kernels and with every kernel (the fused head + loss saves its
+    input gradient, not the log-probabilities), measured at the tensor level
+    (runtime/memory.py) against estimate(..., checkpoint=, kernels=): equal to within the
+    token ids of full training (the measurement holds them as inputs); and the backward's
+    live bytes stay under the estimate's bound."""
     from effc.compiler.cost import estimate
-    from effc.compiler.swaps import COSTED
+    from effc.compiler.swaps import COSTED, KERNELS
     from effc.runtime.memory import LiveBytes
 
-    ir, gm = graph(body, kernels=COSTED)  # the kernels the cost model counts
+    chosen = COSTED if kernels == "costed" else KERNELS
+    ir, gm = graph(body, kernels=chosen)
     x, y = batch(6, seed=3)
     plan = apply(default_plan(6, 1, LAYERS), "checkpoint", mode)
     run = forward_of(gm, plan)
@@ -283,7 +287,7 @@ def test_the_cost_model_counts_checkpointed_activations(mode, body):
         saved = live.bytes - base
         loss.backward()
         backward = live.peak - base
-    c = estimate(ir, 6, SEQ, checkpoint=plan.checkpoint)
+    c = estimate(ir, 6, SEQ, checkpoint=plan.checkpoint, kernels=None if kernels == "costed" else chosen)
     assert abs(c.activation_bytes - saved) <= 8 * x.numel() + 8  # token ids, and the scalar loss
     assert backward <= c.activation_bytes + c.grad_bytes + c.transient_bytes
     if mode != "none":
