@@ -178,6 +178,39 @@ def run(
 
 
 @app.command()
+def profile(
+    out: Optional[Path] = typer.Option(None, "-o", "--out",
+                                       help="where to write it [default: $EFFC_PROFILE, else "
+                                            "~/.cache/effc/profile-DEVICE.json]"),
+    quick: bool = typer.Option(False, "--quick", help="small shapes and few repeats (seconds; for a smoke test)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads to measure with"),
+    show: bool = typer.Option(False, "--show", help="print the profile effc uses now, measure nothing"),
+) -> None:
+    """Measure this machine (matmul rates, memory bandwidth, per-op overheads) for the cost model."""
+    from effc.compiler.profile import ProfileError, load_profile, profile_path
+    from effc.runtime.checkpoint import atomic_write_json
+    from effc.runtime.profile import measure, summary
+
+    if show:
+        try:
+            typer.echo(summary(load_profile(out)))
+        except ProfileError as e:
+            typer.echo(f"error: {e.message}\n   = hint: {e.hint}", err=True)
+            raise typer.Exit(2)
+        return
+    target = out or profile_path()
+    p = measure(quick, threads)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(target, p.to_json())
+    except OSError as exc:
+        typer.echo(f"error: cannot write the profile '{target}': {exc.strerror or exc}\n"
+                   "   = hint: choose another file with -o", err=True)
+        raise typer.Exit(2)
+    typer.echo(summary(load_profile(target)))
+
+
+@app.command()
 def plot(
     folder: Path = typer.Argument(..., help="a run folder written by effc run"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="where the PNGs go [default: the run folder]"),

@@ -1,0 +1,99 @@
+"""`effc profile`: measure this machine for the cost model (effc.compiler.profile).
+
+Each number is the best of several timed repeats after a warm-up (a peak, as a roofline
+wants): matmuls over a grid of shapes per dtype (bf16 only where it is not emulated: on a
+CPU without bf16 instructions one 2048^3 matmul is timed once and the rate recorded, so a
+plan can see how slow it is), a large copy for memory bandwidth, and the per-call cost of
+a tiny aten op and of a tiny effc custom op (the Python dispatch a kernel swap adds).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+from effc.compiler.profile import DeviceProfile
+
+SHAPES = [(128, 128, 128), (512, 512, 512), (2048, 512, 512), (2048, 2048, 512), (2048, 2048, 2048)]
+QUICK = [(64, 64, 64), (256, 256, 256)]
+
+
+def _best(fn, repeats: int, sync) -> float:
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure(quick: bool = False, threads: int | None = None) -> DeviceProfile:
+    if threads:
+        torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    shapes = QUICK if quick else SHAPES
+    repeats = 3 if quick else 10
+    matmul: dict[str, list[list[float]]] = {}
+    dtypes = [torch.float32, torch.bfloat16]
+    emulated = not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    for dtype in dtypes:
+        rows = []
+        for m, n, k in (shapes[-1:] if dtype is torch.bfloat16 and emulated else shapes):
+            a = torch.randn(m, k, device=dev, dtype=dtype)
+            b = torch.randn(k, n, device=dev, dtype=dtype)
+            if dtype is torch.bfloat16 and emulated:
+                t = _once(lambda: a @ b, sync)  # seconds to minutes: once is enough to say how slow
+            else:
+                t = _best(lambda: a @ b, repeats, sync)
+            rows.append([float(m), float(n), float(k), 2.0 * m * n * k / t])
+        matmul[str(dtype).split(".")[1]] = rows
+    elements = (1 << 22) if quick else (1 << 26)  # 16 MiB or 256 MiB of float32
+    src = torch.randn(elements, device=dev)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / _best(lambda: dst.copy_(src), repeats, sync)
+    tiny = torch.randn(8, device=dev)
+    w = torch.ones(8, device=dev)
+    calls = 50 if quick else 500
+
+    def many(f):
+        def run():
+            for _ in range(calls):
+                f()
+        return run
+
+    import effc.kernels.rmsnorm  # noqa: F401  (registers effc::rms_norm)
+
+    aten = _best(many(lambda: torch.add(tiny, tiny)), repeats, sync) / calls
+    custom = _best(many(lambda: torch.ops.effc.rms_norm(tiny, w, 1e-5)), repeats, sync) / calls
+    name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    return DeviceProfile(name=f"{name}, {torch.get_num_threads()} threads", device=dev,
+                         threads=torch.get_num_threads(), matmul=matmul, bandwidth=bandwidth,
+                         overhead={"aten_op": aten, "custom_op": custom},
+                         measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
+                         source="measured")
+
+
+def _once(fn, sync) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def summary(p: DeviceProfile) -> str:
+    """What a person reads: the profile's source and its numbers."""
+    lines = [f"device profile: {p.name} ({p.source})"]
+    for dtype, rows in p.matmul.items():
+        for m, n, k, rate in rows:
+            lines.append(f"  matmul {dtype:9} {int(m)}x{int(k)} @ {int(k)}x{int(n)}: {rate / 1e9:8.1f} GFLOP/s")
+    lines.append(f"  memory bandwidth (copy): {p.bandwidth / 1e9:.1f} GB/s")
+    for k, v in p.overhead.items():
+        lines.append(f"  one {k.replace('_', ' ')} call: {v * 1e6:.1f} us")
+    return "\n".join(lines)
