@@ -74,11 +74,11 @@ PaLM convention for attention (Chowdhery et al. 2022, appendix B; no causal halv
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, NORMS, Node, Op, ParamRecord
+from effc.compiler.plan import piece
 
 # int64: embedding_rows' stored row index; uint8/int8: packed quantized weights
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "uint8": 1, "int8": 1}
@@ -186,8 +186,7 @@ def fused_head(ir: IR) -> tuple[str, str] | None:
     return (head.id, loss.id) if head.op is Op.LINEAR and len(ir.inputs(head.id)) == 1 else None
 
 
-def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list | None = None,
-                            fused: tuple[str, str] | None = None) -> int:
+def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list, fused: tuple[str, str] | None) -> int:
     """Bytes per token live at the worst moment of forward: what was saved so far, every
     output still waiting for a consumer (the residual stream), and the op's own output
     and temporaries. With the head and loss `fused`, the logits never exist: the head has
@@ -198,7 +197,7 @@ def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list | None = No
     last_use = {n.id: max((index[c] for c in ir.outputs(n.id)), default=index[n.id]) for n in nodes}
     saved_ids: set[str] = set()
     extra, worst = 0, 0
-    for i, ((id, shared, e), n) in enumerate(zip(saved if saved is not None else _saved(ir, rg), nodes)):
+    for i, ((id, shared, e), n) in enumerate(zip(saved, nodes)):
         saved_ids |= shared
         extra += e
         live = {m.id for m in nodes[: i + 1] if last_use[m.id] >= i} | saved_ids
@@ -251,41 +250,22 @@ def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
     return fwd, fwd + bwd
 
 
-_LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
-
-
-def _recomputed(ir: IR, checkpoint: tuple[str, ...]) -> dict[str, tuple]:
-    """IR node id -> the piece it is recomputed in, under activation checkpointing: a whole
-    layer ("full") or its attention or MLP sublayer (the ids `layers[i].attn*`,
-    `layers[i].mlp*`), as effc.runtime.planned splits the graph."""
-    out = {}
-    for n in ir.nodes():
-        m = _LAYER.match(n.id)
-        if m is None or int(m.group(1)) >= len(checkpoint):
-            continue
-        layer, mode = int(m.group(1)), checkpoint[int(m.group(1))]
-        if mode == "full":
-            out[n.id] = (layer,)
-        elif mode in ("attn", "mlp") and m.group(2) == mode:
-            out[n.id] = (layer, mode)
-    return out
-
-
 def _checkpointed(ir: IR, rg: dict[str, bool], checkpoint: tuple[str, ...]) -> tuple[list, int]:
     """The saved tensors under checkpointing, in _saved's form, and the bytes per token of
     the largest piece's own saves, which its recomputation holds again during its
     backward. A recomputed node saves nothing; the first node of each piece saves the
     piece's inputs (what torch.utils.checkpoint keeps: the activations entering it)."""
     saved = _saved(ir, rg)
-    piece = _recomputed(ir, checkpoint)
+    pieces = {n.id: piece(n.id, checkpoint) for n in ir.nodes()}
+    recomputed = {id: key for id, (key, again) in pieces.items() if again}
     members: dict[tuple, list[str]] = {}
-    for id in piece:
-        members.setdefault(piece[id], []).append(id)
+    for id, key in recomputed.items():
+        members.setdefault(key, []).append(id)
     own = {k: _bytes_of([x for x in saved if x[0] in ids], ir) for k, ids in members.items()}
     first = {ids[0]: k for k, ids in members.items()}
     out = []
     for id, shared, extra in saved:
-        if id not in piece:
+        if id not in recomputed:
             out.append((id, shared, extra))
             continue
         inputs: set[str] = set()
@@ -306,7 +286,7 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
     """The cost of one micro-batch of `batch` sequences of `seq` tokens; `checkpoint`, one
     choice per layer ("none", "full", "attn", "mlp"), is an execution plan's activation
     checkpointing, `kernels` its kernel swaps (effc.compiler.plan; None: those whose
-    saved tensors the references' accounting describes, effc.compiler.swaps.COSTED)."""
+    saved tensors the references' accounting describes, effc.compiler.plan.COSTED)."""
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
     held = _stored(ir)

@@ -1,6 +1,6 @@
 """Execution plans: how one `train` step is computed, as opposed to what it computes.
 
-A `Plan` is stored in the build (`plan.json`) and realised by the runtime
+A `Plan` is stored in the build (`build.json`, `plan.txt`) and realised by the runtime
 (`effc.runtime.planned`); every field changes speed or memory, none changes the model
 or the gradient beyond float rounding:
 
@@ -11,7 +11,7 @@ or the gradient beyond float rounding:
   "mlp" (only that sublayer is recomputed);
 - `precision`: "fp32", or "bf16" (forward and backward under torch.autocast to
   bfloat16; params, gradients and optimizer state stay float32);
-- `kernels`: the kernel swaps applied to the fx graph (`effc.compiler.swaps.KERNELS`);
+- `kernels`: the kernel swaps applied to the fx graph (`KERNELS`, effc.compiler.swaps);
 - `compile`: the forward runs through torch.compile.
 
 The default plan is the statement's own (`accumulate=` of the train statement) with no
@@ -23,9 +23,15 @@ later version chooses them under a memory budget.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 
-from effc.compiler.swaps import KERNELS
+# The kernel swaps (effc.compiler.swaps), in the order they run.
+KERNELS = ("linear_cross_entropy", "quant_linear", "lora_linear", "rms_norm", "swiglu", "rotary")
+# Those whose saved tensors the cost model counts by default (`estimate(kernels=None)`):
+# the references' accounting, which the fused LoRA linear keeps and the fused head + loss
+# does not.
+COSTED = ("quant_linear", "rms_norm", "swiglu", "rotary")
 
 CHECKPOINT = ("none", "full", "attn", "mlp")
 PRECISION = ("fp32", "bf16")
@@ -59,20 +65,32 @@ class Plan:
         d["micro_batch"] = self.micro_batch
         return d
 
-    @staticmethod
-    def from_json(d: dict) -> "Plan":
-        return Plan(int(d["batch"]), int(d["accumulate"]), tuple(d["checkpoint"]), d["precision"],
-                    tuple(d["kernels"]), bool(d["compile"]))
-
     def describe(self) -> str:
         """One line: `micro-batch 8 x 2, checkpoint none, fp32, kernels all, compile off`."""
-        cp = set(self.checkpoint)
-        checkpoint = next(iter(cp)) if len(cp) == 1 else ",".join(self.checkpoint)
-        if not self.checkpoint:
-            checkpoint = "none"
+        modes = set(self.checkpoint) or {"none"}
+        checkpoint = modes.pop() if len(modes) == 1 else ",".join(self.checkpoint)
         kernels = "all" if self.kernels == KERNELS else ",".join(self.kernels) or "none"
         return (f"micro-batch {self.micro_batch} x {self.accumulate}, checkpoint {checkpoint}, {self.precision}, "
                 f"kernels {kernels}, compile {'on' if self.compile else 'off'}")
+
+
+_LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
+
+
+def piece(ir_id: str, checkpoint: tuple[str, ...]) -> tuple[tuple | None, bool]:
+    """Where activation checkpointing puts an IR node: its piece -- (layer,) for a whole
+    layer, (layer, "attn" | "mlp" | "rest") when one sublayer of it is recomputed, None
+    outside the layers -- and whether that piece is recomputed in backward. The one rule
+    the runtime splits the graph by (effc.runtime.planned) and the cost model counts by
+    (effc.compiler.cost)."""
+    m = _LAYER.match(ir_id)
+    if m is None:
+        return None, False
+    layer, sub = int(m.group(1)), m.group(2)
+    mode = checkpoint[layer] if layer < len(checkpoint) else "none"
+    if mode in ("attn", "mlp"):
+        return (layer, mode if sub == mode else "rest"), sub == mode
+    return (layer,), mode == "full"
 
 
 def default_plan(batch: int, accumulate: int, layers: int) -> Plan:

@@ -18,6 +18,7 @@ built-in `DEFAULT_CPU` when there is none; every report names the profile it use
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +48,6 @@ class DeviceProfile:
     def matmul_rate(self, m: int, n: int, k: int, dtype: str = "float32") -> float:
         """FLOP/s of an (m, k) x (k, n) matmul: the measured shape nearest in log-size
         (the rates of small shapes fall off; large ones plateau)."""
-        import math
-
         table = self.matmul.get(dtype) or self.matmul["float32"]
         size = math.log(m * n * k)
         return min(table, key=lambda r: abs(math.log(r[0] * r[1] * r[2]) - size))[3]

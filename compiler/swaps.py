@@ -17,15 +17,16 @@ swaps gives the same results within float rounding (tests/compiler/test_swaps.py
 | swiglu | swiglu_ref(gate, up) | effc::swiglu |
 | rotary | rotary_ref(x, cos, sin, heads) | effc::rotary |
 
-Swaps run in that order: the fused loss takes a quantized head's dequantized weight as
-its operand (a (V, D) temporary instead of the (N, V) logits), and a quantized base is
-claimed by quant_linear before LoRA's pattern could read its dequantized weight. `swap(gm, ir, kernels)` applies those named
-and returns one `Fired` record per replacement, with the IR nodes (and so the source
-spans) it covered.
+Swaps run in that order: the fused loss takes a quantized head's dequantized weight as its
+operand (a (V, D) temporary instead of the (N, V) logits), and a quantized base is claimed
+by quant_linear before LoRA's pattern could read its dequantized weight. `swap(gm,
+kernels)` applies those named and returns one `Fired` record per replacement, with the IR
+nodes (and so the source spans) it covered.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Callable
@@ -34,17 +35,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.utils.matcher_utils import SubgraphMatcher
 
-from effc.compiler.ir import IR
+from effc.compiler.plan import COSTED, KERNELS  # noqa: F401 (COSTED: named here for the tests)
 from effc.compiler.to_fx import loss_sum
 from effc.kernels.quant import dequantize_int4, dequantize_int8, dequantize_nf4
 from effc.kernels.rmsnorm import rms_norm_ref
 from effc.kernels.rotary import rotary_ref
 from effc.kernels.swiglu import swiglu_ref
 
-KERNELS = ("linear_cross_entropy", "quant_linear", "lora_linear", "rms_norm", "swiglu", "rotary")
-# The kernels whose saved tensors the cost model (effc.compiler.cost) counts: with the
-# others (fused LoRA, fused head + loss) the step saves less than the estimate says.
-COSTED = ("quant_linear", "rms_norm", "swiglu", "rotary")
 DEFAULT = KERNELS  # what kernels=None means
 
 # Functions a pattern calls as one node (they are one node in the graph too).
@@ -159,9 +156,7 @@ def _traced(fn: Callable) -> fx.Graph:
     single calls (a leaf is itself the pattern: rotary_ref)."""
     if fn in _LEAVES:
         g = fx.Graph()
-        import inspect
-
-        names = [p for p in inspect.signature(fn).parameters]
+        names = list(inspect.signature(fn).parameters)
         g.output(g.call_function(fn, tuple(g.placeholder(n) for n in names)))
         return g
     return fx.Tracer(autowrap_functions=_LEAVES).trace(fn)
@@ -197,11 +192,14 @@ def resolve(kernels) -> tuple[str, ...]:
     return tuple(k for k in KERNELS if k in kernels)
 
 
-def swap(gm: fx.GraphModule, ir: IR, kernels=None) -> list[Fired]:
+def swap(gm: fx.GraphModule, kernels=None) -> list[Fired]:
     """Replace, in place, every match of the enabled kernels' patterns; recompile."""
     enabled = resolve(kernels)
     fired: list[Fired] = []
     g = gm.graph
+    # Graph order of the reference nodes: a match is made of these only (replacements are
+    # effc ops, which no pattern contains), and erasing nodes keeps the others' order.
+    order = {n: i for i, n in enumerate(g.nodes)}
     for pat in _patterns():
         if pat.kernel not in enabled:
             continue
@@ -211,21 +209,20 @@ def swap(gm: fx.GraphModule, ir: IR, kernels=None) -> list[Fired]:
         for m in matcher.match(g):
             if any(n.graph is not g or n._erased for n in m.nodes_map.values() if isinstance(n, fx.Node)):
                 continue  # overlapped a replacement made by an earlier pattern
-            fired.append(_replace(g, pat, m, names, ir))
+            fired.append(_replace(g, pat, m, names, order))
     if fired:
         g.eliminate_dead_code()
         g.lint()
         gm.recompile()
-        _rename_outputs(gm)
+        _drop_dead_names(gm)
     return fired
 
 
-def _replace(g: fx.Graph, pat: Pattern, m, names: list[str], ir: IR) -> Fired:
+def _replace(g: fx.Graph, pat: Pattern, m, names: list[str], order: dict) -> Fired:
     values: dict[str, Any] = dict(zip(names, m.placeholder_nodes))
     anchor = m.returning_nodes[0]
-    inner = [gn for pn, gn in m.nodes_map.items() if pn.op not in ("placeholder", "output")]
-    order = {n: i for i, n in enumerate(g.nodes)}
-    inner.sort(key=order.__getitem__)
+    inner = sorted((gn for pn, gn in m.nodes_map.items() if pn.op not in ("placeholder", "output")),
+                   key=order.__getitem__)
     covered = tuple(dict.fromkeys(n.meta["ir"] for n in inner if "ir" in n.meta))
     with g.inserting_before(anchor):
         new = g.call_function(_kernel(pat.op), pat.args(values))
@@ -240,7 +237,7 @@ def _replace(g: fx.Graph, pat: Pattern, m, names: list[str], ir: IR) -> Fired:
     return Fired(pat.kernel, pat.op, new.name, covered)
 
 
-def _rename_outputs(gm: fx.GraphModule) -> None:
+def _drop_dead_names(gm: fx.GraphModule) -> None:
     """Keep gm.meta["ir_nodes"] (IR id -> fx node name, read by calibration) pointing at
     nodes that still exist: a replaced output keeps its name; dropped ones leave."""
     live = {n.name for n in gm.graph.nodes}

@@ -328,15 +328,14 @@ def to_fx(ir: IR, seq: int, device: torch.device | str = "cpu", output: str | No
     gm.meta["ir_nodes"] = names
     from effc.compiler.swaps import swap  # swaps imports this module's helpers
 
-    gm.meta["swaps"] = swap(gm, ir, kernels)
+    gm.meta["swaps"] = swap(gm, kernels)
     return gm
 
 
 def _stamp(g: fx.Graph, last: fx.Node | None, ir_id: str) -> None:
-    """Mark the nodes appended after `last` (None: all) as lowered from IR node ir_id."""
-    started = last is None
-    for node in g.nodes:
-        if started:
-            node.meta.setdefault("ir", ir_id)
-        elif node is last:
-            started = True
+    """Mark the nodes appended after `last` (None: all) as lowered from IR node ir_id,
+    walking back from the end: only the new nodes are visited."""
+    for node in reversed(g.nodes):
+        if node is last:
+            break
+        node.meta.setdefault("ir", ir_id)

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effc.kernels import math_dtype
+
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
 
 
@@ -57,11 +59,6 @@ def linear_cross_entropy_ref(h: Tensor, w: Tensor, targets: Tensor) -> Tensor:
                            reduction="sum")
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the softmax and the loss run in: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def default_chunk(n: int, d: int, v: int, element_size: int) -> int:
     """Rows per chunk so that a float32 (chunk, V) logits block is about the size of h
     (n*d elements of element_size bytes); at least 1, at most n."""
@@ -69,7 +66,7 @@ def default_chunk(n: int, d: int, v: int, element_size: int) -> int:
 
 
 def ce_rows_torch_(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """The torch twin of the Triton `ce_rows_`: per-row loss (n,) in stat_dtype (0 for an
+    """The torch twin of the Triton `ce_rows_`: per-row loss (n,) in math_dtype (0 for an
     ignored row), and `logits` (n, V) overwritten in place with softmax - onehot (zero rows
     for ignored targets). 16-bit logits are processed in a float32 copy."""
     lf = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
@@ -98,7 +95,7 @@ def linear_cross_entropy_torch(h: Tensor, w: Tensor, targets: Tensor, chunk: int
     D, V = h.shape[-1], w.shape[0]
     h2, t = h.reshape(-1, D), targets.reshape(-1)
     N = h2.shape[0]
-    sd = stat_dtype(h.dtype)
+    sd = math_dtype(h.dtype)
     loss = torch.zeros((), dtype=sd, device=h.device)
     gh = torch.empty(N, D, dtype=h.dtype, device=h.device) if grad_h else h.new_empty(0)
     low = h.dtype not in (torch.float32, torch.float64)  # 16-bit: accumulate gw in float32
@@ -139,7 +136,7 @@ def _(h, w, targets, chunk, grad_h, grad_w):
 
 @_linear_ce.register_fake
 def _(h, w, targets, chunk, grad_h, grad_w):
-    loss = h.new_empty((), dtype=stat_dtype(h.dtype))
+    loss = h.new_empty((), dtype=math_dtype(h.dtype))
     return (loss, torch.empty_like(h, memory_format=torch.contiguous_format) if grad_h else h.new_empty(0),
             torch.empty_like(w, memory_format=torch.contiguous_format) if grad_w else w.new_empty(0))
 

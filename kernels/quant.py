@@ -54,6 +54,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from effc.kernels import math_dtype
+
 # ----------------------------------------------------------------------------- packing
 
 
@@ -375,7 +377,7 @@ def lsq_init_step(w: Tensor, bits: int, group: int) -> Tensor:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+    return math_dtype(x.dtype)
 
 
 def _linear(x: Tensor, W_OI: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -17,19 +17,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effc.kernels import math_dtype
+
 
 def rms_norm_ref(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype reductions run in: float64 for float64, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def rms_norm_forward_torch(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """The CPU path: (y, rstd) in three fused-by-torch passes."""
-    xf = x.to(stat_dtype(x.dtype))
+    xf = x.to(math_dtype(x.dtype))
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)  # (...,)
     return (xf * rstd.unsqueeze(-1) * w).to(x.dtype), rstd
 
@@ -63,7 +60,7 @@ def _(x, w, eps):
 
 @_rms_norm.register_fake
 def _(x, w, eps):
-    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=stat_dtype(x.dtype))
+    return torch.empty_like(x), x.new_empty(x.shape[:-1], dtype=math_dtype(x.dtype))
 
 
 @torch.library.custom_op("effc::rms_norm_backward", mutates_args=())

@@ -24,6 +24,8 @@ import math
 import torch
 from torch import Tensor
 
+from effc.kernels import math_dtype
+
 
 def rotary_tables(seq: int, head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
                   low_freq: float = 1.0, high_freq: float = 4.0, original_seq: int = 0
@@ -65,11 +67,6 @@ def _rotate(x_BTD: torch.Tensor, cos_TH: torch.Tensor, sin_TH: torch.Tensor, hea
 
 def rotary_ref(x_BTD, cos_TH, sin_TH, heads: int):
     return _rotate(x_BTD, cos_TH, sin_TH, heads)
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the arithmetic runs in: float64 for float64, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rotary_torch(x_BTD: Tensor, cos_TH: Tensor, sin_TH: Tensor, heads: int) -> Tensor:

@@ -21,14 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effc.kernels import math_dtype
+
 
 def swiglu_ref(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the arithmetic runs in: float64 for float64, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _out_dtype(gate: Tensor, up: Tensor) -> torch.dtype:

@@ -18,24 +18,20 @@ micro-batches by the training loop (`accumulate`). This module does the rest:
 from __future__ import annotations
 
 import contextlib
-import re
+import shutil
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
-from effc.compiler.plan import Plan
-
-_LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
+from effc.compiler.plan import Plan, piece
 
 
 def problems(plan: Plan) -> tuple[list[tuple[str, str]], list[str]]:
     """What this machine cannot do with the plan: (errors as (message, hint), notes).
     torch.compile generates C++ on CPU and needs a compiler; bf16 without the CPU's bf16
     matmul instructions runs emulated, orders of magnitude slower than fp32."""
-    import shutil
-
     errors, notes = [], []
     cuda = torch.cuda.is_available()
     if plan.compile and not cuda and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
@@ -59,31 +55,19 @@ def _recompute(module: torch.nn.Module, *args):
 
 def _pieces(gm: fx.GraphModule, plan: Plan) -> tuple[dict[fx.Node, int], set[int]]:
     """Each node's piece number (consecutive, in graph order) and the pieces to recompute."""
-    piece, key_of, recompute = {}, {}, set()
-    current = 0
-    last_key = None
+    number, key_of, recompute = {}, {}, set()
     seen_layer = False
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        m = _LAYER.match(node.meta.get("ir", ""))
-        if m is None:
-            key = ("outside", "after" if seen_layer else "before")
-            mode = "none"
-        else:
-            seen_layer = True
-            layer, sub = int(m.group(1)), m.group(2) or "other"
-            mode = plan.checkpoint[layer] if layer < len(plan.checkpoint) else "none"
-            key = ("layer", layer) if mode in ("full", "none") else ("layer", layer, sub if sub == mode else "rest")
-        if key != last_key:
-            if key not in key_of:
-                key_of[key] = current
-                current += 1
-            last_key = key
-        piece[node] = key_of[key]
-        if m is not None and (mode == "full" or (mode in ("attn", "mlp") and key[-1] == mode)):
-            recompute.add(key_of[key])
-    return piece, recompute
+        key, again = piece(node.meta.get("ir", ""), plan.checkpoint)
+        if key is None:  # the embedding before the layers, the head and loss after them
+            key = ("after",) if seen_layer else ("before",)
+        seen_layer = seen_layer or key[0] not in ("before", "after")
+        number[node] = key_of.setdefault(key, len(key_of))
+        if again:
+            recompute.add(number[node])
+    return number, recompute
 
 
 def forward_of(gm: fx.GraphModule, plan: Plan | None):

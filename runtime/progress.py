@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from effc.compiler.plan import Plan
 from effc.runtime.run import Reporter, Summary
 
 
@@ -65,7 +64,7 @@ class ConsoleReporter(Reporter):
                 t.add_row(st["stage"], f"train {st['train']} ({st['steps']} steps)", loss,
                           f"{st['seconds']:.1f} s, {st['tokens'] / max(st['seconds'], 1e-9):,.0f} tok/s")
                 if st.get("plan"):
-                    t.add_row("", "plan", Plan.from_json(st["plan"]).describe(), "")
+                    t.add_row("", "plan", st["plan"], "")
             elif "edit" in st:  # share, tie, prune, quantize
                 t.add_row(st["stage"], st["edit"], st["result"], f"{st['seconds']:.1f} s")
         for e in s.evals:

@@ -263,8 +263,9 @@ class _Run:
         return state
 
     def graph(self, model: str, until: Span | None, state: State, seed: int, output: str | None = None,
-              kernels=None):
-        ir, _ = model_ir(self.r, model, until)
+              kernels=None, ir=None):
+        if ir is None:
+            ir, _ = model_ir(self.r, model, until)
         seq = self.r.models[model].args["seq"]
         args = self.calibrated(ir, self.adapter_args(model, ir), state)
         residuals = self.residuals.get(model, {})
@@ -453,12 +454,12 @@ class _Run:
                       f"batch={spec.batch}", step.span,
                       "lower batch: a batch holds distinct pairs, since a repeated positive would be counted as "
                       "its own negative")
-        plan = self.plan_of(step)
+        ir, _ = model_ir(self.r, model, step.span)
+        plan = self.plan_of(ir, step)
         spec = dataclasses.replace(spec, accumulate=plan.accumulate)
         teacher = step.options.get("distill_from")
-        # distillation replaces the loss, so the head's logits must exist: no fused head + loss
-        kernels = tuple(k for k in plan.kernels if teacher is None or k != "linear_cross_entropy")
-        ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed, kernels=kernels)
+        kernels = plan.kernels if teacher is None else tuple(k for k in plan.kernels if k in distill.KERNELS)
+        ir, gm, fresh = self.graph(model, step.span, self.current(model), spec.seed, kernels=kernels, ir=ir)
         if teacher is not None:
             state, until = self.snapshot(teacher) if teacher.stage else (self.current(teacher.name), step.span)
             _, tgm, _ = self.graph(teacher.name, until, state, 0, "logits")
@@ -501,12 +502,11 @@ class _Run:
                                     "tokens": res["tokens"], "seconds": res["seconds"],
                                     "distill": f"{teacher.name}@{teacher.stage}" if teacher and teacher.stage
                                     else (teacher.name if teacher else None),
-                                    "plan": plan.to_json(), "swaps": dict(swaps)})
+                                    "plan": plan.describe()})
 
-    def plan_of(self, step: Step) -> Plan:
-        """The execution plan of a train step: the statement's own (its `accumulate=`),
-        with the command line's --plan overrides."""
-        ir, _ = model_ir(self.r, step.model.name, step.span)
+    def plan_of(self, ir, step: Step) -> Plan:
+        """The execution plan of a train step (`ir`: its model's IR): the statement's own
+        (its `accumulate=`), with the command line's --plan overrides."""
         plan = default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir))
         try:
             plan = overridden(plan, list(self.opts.plan))
