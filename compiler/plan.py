@@ -12,7 +12,15 @@ or the gradient beyond float rounding:
 - `precision`: "fp32", or "bf16" (forward and backward under torch.autocast to
   bfloat16; params, gradients and optimizer state stay float32);
 - `kernels`: the kernel swaps applied to the fx graph (`KERNELS`, effc.compiler.swaps);
-- `compile`: the forward runs through torch.compile.
+- `compile`: the forward runs through torch.compile;
+- `world`: data-parallel processes (`effc run --nproc N`, times `--nnodes`); each takes
+  its share of the step's batch (sizes differing by at most one) and gradients are
+  averaged across them; set by the launch, never by `--plan`;
+- `shard`: what data parallelism shards, in the spirit of ZeRO's stages: "none" (DDP:
+  every process holds every tensor), "zero2" (FSDP2 `fully_shard` with parameters kept
+  gathered from forward to the end of backward: gradients and optimizer state sharded),
+  "zero3" (FSDP2 resharding after forward: parameters sharded too, gathered a layer at
+  a time).
 
 The default plan is the statement's own (`accumulate=` of the train statement) with no
 checkpointing, fp32, every kernel and no compile. `effc run --plan key=value` and
@@ -35,7 +43,8 @@ COSTED = ("quant_linear", "rms_norm", "swiglu", "rotary")
 
 CHECKPOINT = ("none", "full", "attn", "mlp")
 PRECISION = ("fp32", "bf16")
-FIELDS = ("micro_batch", "accumulate", "checkpoint", "precision", "kernels", "compile")
+SHARD = ("none", "zero2", "zero3")
+FIELDS = ("micro_batch", "accumulate", "checkpoint", "precision", "kernels", "compile", "shard")
 
 
 class PlanError(Exception):
@@ -54,10 +63,17 @@ class Plan:
     precision: str = "fp32"
     kernels: tuple[str, ...] = KERNELS
     compile: bool = False
+    world: int = 1  # data-parallel processes
+    shard: str = "none"
+
+    @property
+    def per_process(self) -> int:
+        """Sequences of the step's batch the largest share of a process holds."""
+        return math.ceil(self.batch / self.world)
 
     @property
     def micro_batch(self) -> int:
-        return math.ceil(self.batch / self.accumulate)
+        return math.ceil(self.per_process / self.accumulate)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -70,8 +86,11 @@ class Plan:
         modes = set(self.checkpoint) or {"none"}
         checkpoint = modes.pop() if len(modes) == 1 else ",".join(self.checkpoint)
         kernels = "all" if self.kernels == KERNELS else ",".join(self.kernels) or "none"
-        return (f"micro-batch {self.micro_batch} x {self.accumulate}, checkpoint {checkpoint}, {self.precision}, "
+        text = (f"micro-batch {self.micro_batch} x {self.accumulate}, checkpoint {checkpoint}, {self.precision}, "
                 f"kernels {kernels}, compile {'on' if self.compile else 'off'}")
+        if self.world > 1:
+            text += f", {self.world} processes, " + ("DDP" if self.shard == "none" else f"FSDP2 {self.shard}")
+        return text
 
 
 _LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
@@ -93,8 +112,8 @@ def piece(ir_id: str, checkpoint: tuple[str, ...]) -> tuple[tuple | None, bool]:
     return (layer,), mode == "full"
 
 
-def default_plan(batch: int, accumulate: int, layers: int) -> Plan:
-    return Plan(batch, min(accumulate, batch), ("none",) * layers)
+def default_plan(batch: int, accumulate: int, layers: int, world: int = 1) -> Plan:
+    return Plan(batch, max(1, min(accumulate, math.ceil(batch / world))), ("none",) * layers, world=world)
 
 
 def _bool(key: str, v: str) -> bool:
@@ -120,12 +139,12 @@ def apply(plan: Plan, key: str, value: str) -> Plan:
     v = value.strip()
     if key == "micro_batch":
         m = _int(key, v)
-        return replace(plan, accumulate=math.ceil(plan.batch / min(m, plan.batch)))
+        return replace(plan, accumulate=math.ceil(plan.per_process / min(m, plan.per_process)))
     if key == "accumulate":
         n = _int(key, v)
-        if n > plan.batch:
-            raise PlanError(f"--plan accumulate={n}: more micro-batches than the step's batch of {plan.batch}",
-                            f"use at most accumulate={plan.batch}")
+        if n > plan.per_process:
+            raise PlanError(f"--plan accumulate={n}: more micro-batches than the {plan.per_process} sequences "
+                            f"of a process's share of the batch", f"use at most accumulate={plan.per_process}")
         return replace(plan, accumulate=n)
     if key == "checkpoint":
         parts = [p.strip() for p in v.split(",")]
@@ -155,6 +174,10 @@ def apply(plan: Plan, key: str, value: str) -> Plan:
         return replace(plan, kernels=tuple(k for k in KERNELS if k in names))
     if key == "compile":
         return replace(plan, compile=_bool(key, v))
+    if key == "shard":
+        if v not in SHARD:
+            raise PlanError(f"--plan shard={v}: unknown choice", f"one of {', '.join(SHARD)}")
+        return replace(plan, shard=v)
     raise PlanError(f"--plan {key}: no such plan field", f"the fields are {', '.join(FIELDS)}")
 
 

@@ -70,14 +70,24 @@ def test_overrides_set_each_field():
     assert "micro-batch 4 x 4, checkpoint full, bf16, kernels rms_norm,rotary, compile on" == q.describe()
 
 
+def test_a_data_parallel_plan_splits_the_batch_between_processes():
+    p = default_plan(batch=9, accumulate=2, layers=LAYERS, world=2)
+    assert (p.per_process, p.accumulate, p.micro_batch) == (5, 2, 3)  # shares of 5 and 4, micro-batches of 3 and 2
+    q = overridden(p, parse_overrides(["shard=zero3", "micro_batch=5"]))
+    assert (q.accumulate, q.shard) == (1, "zero3")
+    assert q.describe().endswith("2 processes, FSDP2 zero3") and "DDP" in p.describe()
+    assert default_plan(batch=3, accumulate=8, layers=LAYERS, world=2).accumulate == 2  # no empty micro-batch
+
+
 @pytest.mark.parametrize("item, words", [
     ("checkpoint=some", "unknown choice 'some'"),
     ("checkpoint=full,none", "2 entries for a model of 3 layers"),
     ("accumulate=0", "not a positive integer"),
-    ("accumulate=17", "more micro-batches than the step's batch of 16"),
+    ("accumulate=17", "more micro-batches than the 16 sequences"),
     ("precision=fp8", "unknown precision"),
     ("kernels=rms,swiglu", "unknown kernel 'rms'"),
     ("compile=maybe", "not a boolean"),
+    ("shard=zero1", "unknown choice"),
 ])
 def test_bad_values_are_refused_with_a_hint(item, words):
     with pytest.raises(PlanError) as e:
