@@ -36,7 +36,7 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
   - SWIGLU: gate and up (ffn each); RESIDUAL_ADD: nothing;
   - LOSS: the log-probabilities (vocab);
 - transient: the largest set of temporaries one op's backward holds beside the saved
-  activations: the loss, the gradients of the log-probabilities and of the logits
+  activations (reported; the backward walk below uses each op's own): the loss, the gradients of the log-probabilities and of the logits
   (2 * vocab per token); SwiGLU, its output gradient, a sigmoid and its two input
   gradients (4 * ffn); any other op, its output and input gradients;
   RMSNorm, its output gradient, that times w, x * rstd and their product (4 * dim);
@@ -54,10 +54,16 @@ Bytes (B = batch, T = seq, fp32 = 4 bytes unless a record says otherwise):
   effc.runtime.planned splits the graph -- save nothing, and the piece saves its inputs
   instead (the activations entering it: the residual stream); its backward recomputes
   its own saves, so the largest piece's are added to the transient;
-- peak = weights + optimizer + max(gradients + activations + transient, forward).
-  Gradients fill up while activations are freed, so the backward term is an upper
-  bound: measured against a tensor-level tracker (tests/runtime/test_memory.py) it is
-  within a few percent for adapter training and up to ~25% high for full training.
+- precision bf16 (autocast): every dense linear weight's bf16 copy (2 bytes an element)
+  is held in forward and kept for backward;
+- peak = weights + optimizer + the largest of forward, backward and the optimizer step
+  (gradients, and two temporaries of the largest trainable tensor). Backward is walked
+  op by op in reverse: at each op, the activations not yet freed (a tensor saved by
+  several ops is freed after the earliest one's backward; a recomputed piece's own
+  saves live from its recomputation until freed within it), the gradients of the params
+  whose ops have run backward, and the op's own temporaries (those of `transient`).
+  Measured against a tensor-level tracker (tests/runtime/test_memory.py and
+  bench/plan_accuracy.py) it is within 10% at every point, mostly within 2%.
 
 FLOPs per token, with N = elements of the weights of matmul ops (LINEAR and the low-rank
 adapters, whose kinds count the same way; other kinds count their own; a tied
@@ -78,7 +84,7 @@ from dataclasses import dataclass
 
 from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, NORMS, Node, Op, ParamRecord
-from effc.compiler.plan import piece
+from effc.compiler.plan import COSTED, piece
 
 # int64: embedding_rows' stored row index; uint8/int8: packed quantized weights
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "uint8": 1, "int8": 1}
@@ -121,9 +127,11 @@ def _requires_grad(ir: IR) -> dict[str, bool]:
     return rg
 
 
-def _saved(ir: IR, rg: dict[str, bool]) -> list[tuple[str, set[str], int]]:
+def _saved(ir: IR, rg: dict[str, bool], kernels: tuple[str, ...] = COSTED) -> list[tuple[str, set[str], int]]:
     """Per node in topological order: (id, ids of the tensors it saves that others may
-    save too, bytes of tensors private to it); see the module docstring for each op."""
+    save too, bytes of tensors private to it); see the module docstring for each op.
+    Without the `rms_norm` and `swiglu` kernel swaps the reference compositions save one
+    tensor more: x * rstd (dim, when the norm's weight trains) and silu(gate) (ffn)."""
     out = []
     for n in ir.nodes():
         shared: set[str] = set()
@@ -137,6 +145,8 @@ def _saved(ir: IR, rg: dict[str, bool]) -> list[tuple[str, set[str], int]]:
         elif n.op is Op.RMSNORM:
             shared.add(ins[0])
             extra += 4
+            if "rms_norm" not in kernels and trainable:
+                extra += 4 * _width(n)
         elif n.op is Op.LAYERNORM:
             shared.add(ins[0])
             extra += 8  # mean and reciprocal standard deviation
@@ -156,20 +166,25 @@ def _saved(ir: IR, rg: dict[str, bool]) -> list[tuple[str, set[str], int]]:
             extra += a.heads * 4
         elif n.op is Op.SWIGLU:
             shared.update(ins)
+            if "swiglu" not in kernels:
+                extra += 4 * _width(n)
         elif n.op is Op.LOSS:
             extra += _width(ir.node(ins[0])) * 4  # the log-probabilities
         out.append((n.id, shared, extra))
     return out
 
 
-def _forward_temporaries(ir: IR, n: Node) -> int:
-    """Floats per token an op allocates in forward besides its output."""
+def _forward_temporaries(ir: IR, n: Node, kernels: tuple[str, ...] = COSTED) -> int:
+    """Floats per token an op allocates in forward besides its output (the fused SwiGLU
+    and RMSNorm kernels allocate none)."""
     if n.op is Op.ATTENTION_CORE:
         a = n.attrs
         copies = 2 * a.heads * a.head_dim if a.kv_heads != a.heads else 0  # repeated k and v
         return copies + a.heads  # and the logsumexp
     if n.op in ADAPTERS:
         return kind_of(n).forward_temporaries(ir, n)
+    if n.op is Op.SWIGLU and "swiglu" in kernels or n.op is Op.RMSNORM and "rms_norm" in kernels:
+        return 0
     if n.op in (Op.SWIGLU, Op.RMSNORM) or (n.op is Op.LINEAR and len(ir.inputs(n.id)) > 1):
         return _width(n)  # silu(gate); x * rstd; x W^T before adding adapters
     return 0
@@ -186,7 +201,8 @@ def fused_head(ir: IR) -> tuple[str, str] | None:
     return (head.id, loss.id) if head.op is Op.LINEAR and len(ir.inputs(head.id)) == 1 else None
 
 
-def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list, fused: tuple[str, str] | None) -> int:
+def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list, fused: tuple[str, str] | None,
+                            kernels: tuple[str, ...] = COSTED) -> int:
     """Bytes per token live at the worst moment of forward: what was saved so far, every
     output still waiting for a consumer (the residual stream), and the op's own output
     and temporaries. With the head and loss `fused`, the logits never exist: the head has
@@ -195,41 +211,51 @@ def _forward_peak_per_token(ir: IR, rg: dict[str, bool], saved: list, fused: tup
     nodes = ir.nodes()
     index = {n.id: i for i, n in enumerate(nodes)}
     last_use = {n.id: max((index[c] for c in ir.outputs(n.id)), default=index[n.id]) for n in nodes}
+    dies: dict[int, list[str]] = {}  # op index -> outputs no longer waiting after it
+    for id, i in last_use.items():
+        dies.setdefault(i, []).append(id)
+    live: set[str] = set()  # saved so far, or waiting for a consumer
     saved_ids: set[str] = set()
-    extra, worst = 0, 0
+    floats = extra = worst = 0
     for i, ((id, shared, e), n) in enumerate(zip(saved, nodes)):
-        saved_ids |= shared
         extra += e
-        live = {m.id for m in nodes[: i + 1] if last_use[m.id] >= i} | saved_ids
-        if fused:
-            live.discard(fused[0])
-        temporaries = _forward_temporaries(ir, n)
+        for t in shared | {n.id}:
+            if t not in live and not (fused and t == fused[0]):
+                live.add(t)
+                floats += _width(ir.node(t))
+        saved_ids |= shared
+        temporaries = _forward_temporaries(ir, n, kernels)
         if fused and n.id == fused[1]:
             d, v = _width(ir.node(ir.inputs(fused[0])[0])), _width(ir.node(fused[0]))
             temporaries = min(v, d) + d
-        worst = max(worst, extra + 4 * (sum(_width(ir.node(j)) for j in live) + temporaries))
+        worst = max(worst, extra + 4 * (floats + temporaries))
+        for t in dies.get(i, ()):  # consumed by op i for the last time: gone unless saved
+            if t in live and t not in saved_ids:
+                live.discard(t)
+                floats -= _width(ir.node(t))
     return worst
+
+
+def _node_transient(ir: IR, n: Node, rg: dict[str, bool], fused: tuple[str, str] | None = None) -> int:
+    """Floats per token of the temporaries node n's backward holds beside the saved
+    activations (see the module docstring)."""
+    if not rg[n.id]:
+        return 0
+    if fused and n.id == fused[1]:  # the saved input gradient scaled, and its sum into the input's
+        return 2 * _width(ir.node(ir.inputs(fused[0])[0]))
+    if n.op is Op.LOSS:
+        return 2 * _width(ir.node(ir.inputs(n.id)[0]))  # grads of the log-probs and the logits
+    if n.op is Op.SWIGLU:
+        return 4 * _width(n)  # output grad, sigmoid, and the two input grads
+    if n.op in NORMS:
+        return 4 * _width(n)  # output grad, its product with w, x * rstd, and their product
+    return _width(n) + sum(_width(ir.node(i)) for i in ir.inputs(n.id))  # output and input grads
 
 
 def _transient_per_token(ir: IR, rg: dict[str, bool], fused: tuple[str, str] | None = None) -> int:
     """Bytes per token of the largest set of temporaries one op's backward holds beside
-    the saved activations (see the module docstring)."""
-    worst = 0
-    for n in ir.nodes():
-        if not rg[n.id]:
-            continue
-        if fused and n.id == fused[1]:  # the saved input gradient scaled, and its sum into the input's
-            t = 2 * _width(ir.node(ir.inputs(fused[0])[0]))
-        elif n.op is Op.LOSS:
-            t = 2 * _width(ir.node(ir.inputs(n.id)[0]))  # grads of the log-probs and the logits
-        elif n.op is Op.SWIGLU:
-            t = 4 * _width(n)  # output grad, sigmoid, and the two input grads
-        elif n.op in NORMS:
-            t = 4 * _width(n)  # output grad, its product with w, x * rstd, and their product
-        else:
-            t = _width(n) + sum(_width(ir.node(i)) for i in ir.inputs(n.id))  # output and input grads
-        worst = max(worst, t)
-    return 4 * worst
+    the saved activations."""
+    return 4 * max((_node_transient(ir, n, rg, fused) for n in ir.nodes()), default=0)
 
 
 def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
@@ -250,30 +276,83 @@ def _flops(ir: IR, rg: dict[str, bool], seq: int) -> tuple[int, int]:
     return fwd, fwd + bwd
 
 
-def _checkpointed(ir: IR, rg: dict[str, bool], checkpoint: tuple[str, ...]) -> tuple[list, int]:
-    """The saved tensors under checkpointing, in _saved's form, and the bytes per token of
-    the largest piece's own saves, which its recomputation holds again during its
-    backward. A recomputed node saves nothing; the first node of each piece saves the
-    piece's inputs (what torch.utils.checkpoint keeps: the activations entering it)."""
-    saved = _saved(ir, rg)
-    pieces = {n.id: piece(n.id, checkpoint) for n in ir.nodes()}
-    recomputed = {id: key for id, (key, again) in pieces.items() if again}
-    members: dict[tuple, list[str]] = {}
-    for id, key in recomputed.items():
-        members.setdefault(key, []).append(id)
-    own = {k: _bytes_of([x for x in saved if x[0] in ids], ir) for k, ids in members.items()}
+def _fuse(ir: IR, saved: list, fused: tuple[str, str] | None, rg: dict[str, bool]) -> list:
+    """The saves with the head and loss fused: the head saves nothing, the loss the input
+    gradient it computed in forward (not the log-probabilities)."""
+    if not fused:
+        return saved
+    head, loss = fused
+    h = ir.inputs(head)[0]
+    return [(id, set() if id == head else shared, 4 * _width(ir.node(h)) * rg[h] if id == loss else e)
+            for id, shared, e in saved]
+
+
+def _checkpointed(ir: IR, saved: list, checkpoint: tuple[str, ...]) -> tuple[list, dict[tuple, list[int]]]:
+    """The saved tensors under checkpointing, in _saved's form, and each recomputed
+    piece's node indices. A recomputed node saves nothing; the first node of each piece
+    saves the piece's inputs (what torch.utils.checkpoint keeps: the activations entering
+    it)."""
+    members: dict[tuple, list[int]] = {}
+    for i, n in enumerate(ir.nodes()):
+        key, again = piece(n.id, checkpoint)
+        if again:
+            members.setdefault(key, []).append(i)
     first = {ids[0]: k for k, ids in members.items()}
+    nodes = ir.nodes()
     out = []
-    for id, shared, extra in saved:
-        if id not in recomputed:
+    for i, (id, shared, extra) in enumerate(saved):
+        key, again = piece(id, checkpoint)
+        if not again:
             out.append((id, shared, extra))
             continue
         inputs: set[str] = set()
-        if id in first:
-            ids = set(members[first[id]])
-            inputs = {s for i in ids for s in ir.inputs(i) if s not in ids and _width(ir.node(s))}
+        if i in first:
+            ids = {nodes[j].id for j in members[key]}
+            inputs = {s for m in ids for s in ir.inputs(m) if s not in ids and _width(ir.node(s))}
         out.append((id, inputs, 0))
-    return out, max(own.values(), default=0)
+    return out, members
+
+
+def _backward_peak(ir: IR, rg: dict[str, bool], saved: list, plain: list, pieces: dict[tuple, list[int]],
+                   fused: tuple[str, str] | None, scale, grad_of: dict[int, int], ahead: int) -> int:
+    """The most bytes live at one moment of backward, walking the ops in reverse: the
+    activations not yet freed (a tensor saved by several ops is freed after the earliest
+    one's backward; a recomputed piece's own saves exist from its recomputation, when
+    backward reaches its last op, until they are freed within it), the gradients of the
+    params whose ops have run backward (`grad_of`: bytes by the op index that allocates
+    them), `ahead` bytes live throughout (saved once a step) and the op's own
+    temporaries. `scale(i, per_token)` turns bytes per token of op i into bytes."""
+    nodes = ir.nodes()
+    index = {n.id: i for i, n in enumerate(nodes)}
+    intervals: list[tuple[int, int, int]] = []  # (from op, to op, bytes): live while from <= i <= to
+    end = len(nodes)
+
+    def add(entries, limit, members=None):
+        first_saver: dict[str, int] = {}
+        for i, (id, shared, extra) in entries:
+            for t in shared:
+                if members is None or index[t] in members:  # a piece's inputs are held for it already
+                    first_saver[t] = min(first_saver.get(t, i), i)
+            if extra:
+                intervals.append((i, limit, scale(i, extra)))
+        for t, i in first_saver.items():
+            intervals.append((i, limit, scale(index[t], 4 * _width(ir.node(t)))))
+
+    add(list(enumerate(saved)), end)
+    for ids in pieces.values():
+        add([(i, plain[i]) for i in ids], ids[-1], set(ids))
+    starts: dict[int, int] = {}  # walking down: bytes that become live at op i, and that die below op i
+    ends: dict[int, int] = {}
+    for lo, hi, b in intervals:
+        starts[min(hi, end - 1)] = starts.get(min(hi, end - 1), 0) + b
+        ends[lo] = ends.get(lo, 0) + b
+    worst, grads, live = 0, ahead, 0
+    for i in range(end - 1, -1, -1):
+        grads += grad_of.get(i, 0)
+        live += starts.get(i, 0)
+        worst = max(worst, grads + live + scale(i, 4 * _node_transient(ir, nodes[i], rg, fused)))
+        live -= ends.get(i, 0)
+    return worst
 
 
 def _bytes_of(saved: list, ir: IR) -> int:
@@ -282,11 +361,14 @@ def _bytes_of(saved: list, ir: IR) -> int:
 
 
 def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
-             checkpoint: tuple[str, ...] | None = None, kernels: tuple[str, ...] | None = None) -> Cost:
+             checkpoint: tuple[str, ...] | None = None, kernels: tuple[str, ...] | None = None,
+             precision: str = "fp32") -> Cost:
     """The cost of one micro-batch of `batch` sequences of `seq` tokens; `checkpoint`, one
     choice per layer ("none", "full", "attn", "mlp"), is an execution plan's activation
     checkpointing, `kernels` its kernel swaps (effc.compiler.plan; None: those whose
-    saved tensors the references' accounting describes, effc.compiler.plan.COSTED)."""
+    saved tensors the references' accounting describes, effc.compiler.plan.COSTED),
+    `precision` its precision: under bf16 autocast every dense linear weight has a bf16
+    copy (2 bytes an element), cast in forward and kept for backward."""
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
     held = _stored(ir)
@@ -302,25 +384,51 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
     prefix = prefix_length(ir)
     seq += prefix
     tokens = batch * seq
-    saved, recompute = (_checkpointed(ir, rg, checkpoint) if checkpoint and any(c != "none" for c in checkpoint)
-                        else (_saved(ir, rg), 0))
     fused = fused_head(ir) if kernels is not None and "linear_cross_entropy" in kernels else None
-    per_step = sum(kind_of(n).saved_per_step(ir, n, rg) for n in ir.nodes() if n.op in ADAPTERS and rg[n.id])
-    if fused:  # the fused loss saves the input gradient it computed in forward, not the log-probabilities
-        head, loss = fused
-        h = ir.inputs(head)[0]
-        saved = [(id, set() if id == head else shared, 4 * _width(ir.node(h)) * rg[h] if id == loss else e)
-                 for id, shared, e in saved]
-        w = ir.node(head).params[0]
-        per_step += w.numel * DTYPE_BYTES[w.dtype] if w.trainable else 0  # and the weight's gradient
-    # The loss reads the input's own positions only: its log-probabilities skip the prefix.
-    loss_only = sum(e for id, _, e in saved if ir.node(id).op is Op.LOSS)
-    acts = tokens * _bytes_of(saved, ir) - batch * prefix * loss_only + per_step
+    plain = _fuse(ir, _saved(ir, rg, COSTED if kernels is None else kernels), fused, rg)
+    saved, pieces = (_checkpointed(ir, plain, checkpoint) if checkpoint and any(c != "none" for c in checkpoint)
+                     else (plain, {}))
+    nodes = ir.nodes()
+    per_step = sum(kind_of(n).saved_per_step(ir, n, rg) for n in nodes if n.op in ADAPTERS and rg[n.id])
+    # where each trainable param's gradient appears in backward: at the last op reading it
+    by_path = {p.path: p for p in trainable}
+    grad_at: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for p in n.params:
+            key = p.tied_to or p.path
+            if key in by_path:
+                grad_at[key] = i
+    early = 0
+    if fused:  # the fused loss computes a trainable head's weight gradient in forward
+        w = ir.node(fused[0]).params[0]
+        if w.trainable:
+            early = w.numel * DTYPE_BYTES[w.dtype]
+            grad_at.pop(w.tied_to or w.path, None)
+            if w.tied_to is None:  # a tied head's gradient still adds into the embedding's in backward
+                per_step += early
+    grad_of: dict[int, int] = {}
+    for key, i in grad_at.items():
+        grad_of[i] = grad_of.get(i, 0) + by_path[key].numel * DTYPE_BYTES[by_path[key].dtype]
+
+    def scale(i: int, per_token: int) -> int:
+        # The loss reads the input's own positions only: its log-probabilities skip the prefix.
+        return per_token * (batch * (seq - prefix) if nodes[i].op is Op.LOSS else tokens)
+
+    acts = sum(scale(i, e) for i, (_, _, e) in enumerate(saved)) + per_step
+    acts += sum(4 * _width(ir.node(t)) * tokens for t in set().union(*(s for _, s, _ in saved)))
+    recompute = max((_bytes_of([plain[i] for i in ids], ir) for ids in pieces.values()), default=0)
     transient = tokens * (_transient_per_token(ir, rg, fused) + recompute)
-    forward = tokens * _forward_peak_per_token(ir, rg, saved, fused)
+    forward = tokens * _forward_peak_per_token(ir, rg, saved, fused, COSTED if kernels is None else kernels)
+    backward = _backward_peak(ir, rg, saved, plain, pieces, fused, scale, grad_of, per_step) if any(rg.values()) else 0
+    # AdamW's step (one tensor at a time) holds a temporary or two of the largest param
+    step = grads + 2 * max((p.numel * 4 for p in trainable), default=0)
     fwd, train = _flops(ir, rg, seq)
     # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
-    peak = weights + opt + max(grads + acts + transient, forward)
+    if precision == "bf16":
+        copies = 2 * sum(n.attrs.in_features * n.attrs.out_features for n in nodes
+                         if n.op is Op.LINEAR and not any(p.quantized for p in n.params))
+        forward, backward = forward + copies, backward + copies
+    peak = weights + opt + max(backward, forward, step)
     return Cost(batch, seq, sum(p.elements for p in stored), sum(p.numel for p in trainable),
                 tuple(sorted(roles.items())), weights, grads, opt, acts, transient,
                 peak, fwd, train, _storage(ir))

@@ -230,7 +230,9 @@ class IR:
     """A read-only view of a data-flow graph. Build one with `IR.build`."""
 
     def __init__(self, graph: nx.DiGraph):
-        self._g = graph
+        self._g = graph  # never changed after this: the orders below are computed once
+        self._order: list[Node] | None = None
+        self._inputs: dict[str, list[str]] = {}
 
     @staticmethod
     def build(nodes: Iterable[Node], edges: Iterable[tuple[str, str, int]]) -> "IR":
@@ -253,9 +255,11 @@ class IR:
 
     def nodes(self) -> list[Node]:
         """Topological order; ties go to the earlier-built node, so the order is stable."""
-        rank = {n: i for i, n in enumerate(self._g.nodes)}
-        order = nx.lexicographical_topological_sort(self._g, key=rank.__getitem__)
-        return [self._g.nodes[n]["node"] for n in order]
+        if self._order is None:
+            rank = {n: i for i, n in enumerate(self._g.nodes)}
+            order = nx.lexicographical_topological_sort(self._g, key=rank.__getitem__)
+            self._order = [self._g.nodes[n]["node"] for n in order]
+        return list(self._order)
 
     def node(self, id: str) -> Node:
         if id not in self._g:
@@ -267,7 +271,9 @@ class IR:
 
     def inputs(self, id: str) -> list[str]:
         """Producer ids in port order."""
-        return [s for s, _ in sorted(self._g.in_edges(id), key=lambda e: self._g.edges[e]["port"])]
+        if id not in self._inputs:
+            self._inputs[id] = [s for s, _ in sorted(self._g.in_edges(id), key=lambda e: self._g.edges[e]["port"])]
+        return list(self._inputs[id])
 
     def outputs(self, id: str) -> list[str]:
         return sorted(self._g.successors(id))

@@ -81,7 +81,8 @@ def _build(result: CheckResult, stage: str, step: Step, overrides: list) -> Trai
     # `batch` sequences per optimizer step arrive as `accumulate` micro-batches (the plan's).
     plan = overridden(default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir)), overrides)
     micro = plan.micro_batch
-    cost = estimate(ir, 2 * micro if encoder else micro, seq, checkpoint=plan.checkpoint, kernels=plan.kernels)
+    cost = estimate(ir, 2 * micro if encoder else micro, seq, checkpoint=plan.checkpoint, kernels=plan.kernels,
+                    precision=plan.precision)
     return TrainBuild(stage, step, ir, report, cost, micro, plan)
 
 

@@ -45,10 +45,13 @@ def measure(quick: bool = False, threads: int | None = None) -> DeviceProfile:
     emulated = not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for dtype in dtypes:
         rows = []
-        for m, n, k in (shapes[-1:] if dtype is torch.bfloat16 and emulated else shapes):
+        # Emulated bf16 (no bf16 matmul instructions) is slow, and slower still at large
+        # shapes: two small shapes, and the largest timed once unless --quick.
+        slow = [(128, 128, 128), (512, 512, 512)] + ([] if quick else shapes[-1:])
+        for m, n, k in (slow if dtype is torch.bfloat16 and emulated else shapes):
             a = torch.randn(m, k, device=dev, dtype=dtype)
             b = torch.randn(k, n, device=dev, dtype=dtype)
-            if dtype is torch.bfloat16 and emulated:
+            if dtype is torch.bfloat16 and emulated and m * n * k > 512**3:
                 t = _once(lambda: a @ b, sync)  # seconds to minutes: once is enough to say how slow
             else:
                 t = _best(lambda: a @ b, repeats, sync)

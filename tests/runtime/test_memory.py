@@ -32,12 +32,12 @@ from conftest import model_info  # noqa: E402
 # only bounds how much those two terms may weigh.
 ACT_RTOL = 0.005
 LOSS_BYTES = 8  # the scalar loss and nll_loss's total_weight, saved for its backward
-# Peak, estimate / measured over GRID + EDGES: 0.993 (forward_attention_bound: the
-# forward liveness model is ~8 KB short there, a temporary it does not model) to 1.202 (full_mha: in
-# full training the estimate holds all gradients beside all activations). The lowest
-# full-training ratio is 1.003 (full_gqa_dim256, where forward sets the peak).
-PEAK_LOW = 0.99
-PEAK_HIGH = 1.25
+# Peak, estimate / measured over GRID + EDGES: 0.954 (full_gqa_dim256: full training
+# at dim 256 beside a vocab of 128, where a weight gradient's temporaries the model
+# does not count matter) to 1.062 (rmsnorm_bwd_bound); every other point within 2%.
+# The band is the planner's target (the issue's: within 10% of the tensor-level peak).
+PEAK_LOW = 0.90
+PEAK_HIGH = 1.10
 ADAMW_STEP_BYTES = 4  # AdamW's per-param `step` counter, a float32 scalar tensor
 
 
@@ -214,7 +214,7 @@ def test_weights_and_optimizer_state_match_the_estimate(c):
 
 
 @pytest.mark.parametrize("c", _ids(GRID + EDGES))
-def test_peak_estimate_is_a_close_upper_bound(c):
+def test_peak_estimate_is_within_ten_percent(c):
     _, cost, m = _measured(c)
     ratio = cost.peak_bytes / m.peak
     assert PEAK_LOW <= ratio <= PEAK_HIGH, f"{c.name}: estimate {cost.peak_bytes} vs measured {m.peak} ({ratio:.3f})"

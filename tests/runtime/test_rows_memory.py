@@ -134,7 +134,7 @@ def test_bottleneck_weights_and_optimizer_state(c):
 
 
 @pytest.mark.parametrize("c", _ids(ROWS + BOTTLENECK))
-def test_peak_estimate_is_a_close_upper_bound(c):
+def test_peak_estimate_is_within_ten_percent(c):
     _, cost, m = _measured(c)
     assert PEAK_LOW <= cost.peak_bytes / m.peak <= PEAK_HIGH, (cost.peak_bytes, m.peak)
 
