@@ -88,7 +88,7 @@ def _memory(text: str | None) -> tuple[int | None, list]:
 
 
 def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: list[str] = (),
-                       memory: str | None = None):
+                       memory: str | None = None, world: int | None = None):
     """check + cost: returns (result, compiled) or exits with the diagnostics."""
     from effc.compiler.pipeline import compile_checked
 
@@ -97,7 +97,7 @@ def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: lis
     budget, bad_memory = _memory(memory)
     bad += bad_plan + bad_memory
     result = check_file(str(file), overrides=overrides)
-    compiled = compile_checked(result, plan_pairs, budget) if result.ok and not bad else None
+    compiled = compile_checked(result, plan_pairs, budget, world) if result.ok and not bad else None
     if compiled is not None:  # a predicted peak over the budget is a mistake too
         result.diagnostics = sort_diagnostics(result.diagnostics + list(compiled.diagnostics))
     status = _report(result, file, fmt, bad)
@@ -151,30 +151,131 @@ def run(
                                           help="CPU threads (a resumed run is bit-identical at the same count)"),
     plan: List[str] = typer.Option([], "--plan", help=PLAN_HELP),
     memory: Optional[str] = typer.Option(None, "--memory", help=MEMORY_HELP),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="data-parallel processes on this node, launched "
+                                        "through torchrun (DDP, or FSDP2 as the plan says) [default: the budget's "
+                                        "devices]"),
+    nnodes: int = typer.Option(1, "--nnodes", help="nodes of a multi-node run; every node runs this command"),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="this node's number, 0 to nnodes-1 (node 0 "
+                                                                      "hosts the rendezvous)"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT where the nodes meet"),
 ) -> None:
     """Run the pipeline: train, evaluate and export, stage by stage, reusing unchanged stages."""
+    from effc.runtime import distributed
     from effc.runtime.progress import ConsoleReporter
-    from effc.runtime.run import RunFailed, RunOptions, run_pipeline
+    from effc.runtime.run import Reporter, RunFailed, RunOptions, run_pipeline
     from effc.runtime.train import Interrupted
 
-    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan, memory)
+    worker = distributed.worker()
+    if nproc is None:  # the file's budget(devices=N) launches N processes on this node
+        devices = _budget_devices(file, set_)
+        nproc = devices if devices and not worker else 1
+    launch = distributed.Launch(nproc, nnodes, node_rank, rdzv_endpoint)
+    if not worker:
+        bad = [error("E0114", m, Span("<command line>", 1, 1, 1, 2), h) for m, h in distributed.launch_problems(launch)]
+        if bad:
+            raise typer.Exit(_report(CheckResult(None, bad, ""), file, OutputFormat.text, []))
+    world = int(os.environ["WORLD_SIZE"]) if worker else nproc * nnodes
+    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan, memory, world)
     folder = out or Path("runs") / (result.program.name or file.stem)
-    reporter = ConsoleReporter()
+    if launch.distributed and not worker:
+        _launch(launch, file, _run_args(set_, folder, resume, force, threads, plan, memory), folder)
+    main = distributed.is_main()  # with several processes, rank 0 alone reports
+    reporter = ConsoleReporter() if main else Reporter()
     try:
         summary = run_pipeline(result, file, RunOptions(folder, resume, force, threads,
-                                                        tuple(_plan_overrides(plan)[0])), reporter,
+                                                        tuple(_plan_overrides(plan)[0]), _memory(memory)[0]), reporter,
                                _overrides(set_)[0])
     except RunFailed as exc:
+        if not main:  # every rank finds the same problem: rank 0 says it
+            raise typer.Exit(1)
         raise typer.Exit(_report(CheckResult(None, exc.diagnostics, result.source), file, OutputFormat.text, []))
     except Interrupted as exc:
-        typer.echo(f"stopped after step {exc.step}; checkpoint written to {exc.checkpoint}\n"
-                   f"   = hint: continue with: effc run {file} --resume" + (f" -o {out}" if out else ""), err=True)
+        if main:
+            typer.echo(f"stopped after step {exc.step}; checkpoint written to {exc.checkpoint}\n"
+                       f"   = hint: continue with: effc run {file} --resume" + (f" -o {out}" if out else ""), err=True)
         raise typer.Exit(130)
     except OSError as exc:
         typer.echo(f"error[E0503]: cannot use the run folder '{folder}': {exc.strerror or exc}\n"
                    "   = hint: choose another folder with -o, or free some disk space", err=True)
         raise typer.Exit(2)
-    reporter.summary(summary, folder)
+    except RuntimeError as exc:  # DistError included
+        if not (worker and distributed.lost_peer(exc)):
+            raise
+        # a peer died or hung: the launcher names the cause and the checkpoint
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        typer.echo(f"error[E0505]: process {distributed.rank()} lost contact with the others: {first}", err=True)
+        raise typer.Exit(distributed.LOST)
+    if main:
+        reporter.summary(summary, folder)
+
+
+def _budget_devices(file: Path, set_: list[str]) -> int | None:
+    """budget(devices=N) of a file that checks (None otherwise: the check reports why)."""
+    result = check_file(str(file), overrides=_overrides(set_)[0])
+    return (result.budget or {}).get("devices") if result.ok else None
+
+
+def _run_args(set_: list[str], folder: Path, resume: bool, force: bool, threads: int | None, plan: list[str],
+              memory: str | None) -> list[str]:
+    """The options of `effc run` that every worker gets (the launch options aside)."""
+    args = [f"--set={s}" for s in set_] + [f"--out={folder}"]
+    args += ["--resume"] * resume + ["--force"] * force + ([f"--threads={threads}"] if threads else [])
+    return args + [f"--plan={p}" for p in plan] + ([f"--memory={memory}"] if memory else [])
+
+
+def _launch(launch, file: Path, args: list[str], folder: Path) -> None:
+    """Run the pipeline on torchrun's workers and exit with how they ended: a worker that
+    reported a problem itself (a diagnostic, a stop) has said it; any other failure is
+    named here with the last checkpoint and the command that resumes from it."""
+    from effc.runtime import distributed
+
+    failure = distributed.launch(launch, [str(file), *args])
+    if failure is None:
+        raise typer.Exit(0)
+    if failure.diagnosed:
+        raise typer.Exit(failure.exitcode)
+    again = [a for a in args if a != "--resume"] + ["--resume", f"--nproc={launch.nproc}"]
+    if launch.nnodes > 1:
+        again += [f"--nnodes={launch.nnodes}", f"--rdzv-endpoint={launch.endpoint}"]
+        again += [f"--node-rank={launch.node_rank}"] if launch.node_rank is not None else []
+    typer.echo(distributed.failure_message(failure, launch.nproc * launch.nnodes, folder,
+                                           distributed.effc_command(file, again)), err=True)
+    raise typer.Exit(130 if failure.rank is None else 1)
+
+
+@app.command("plan")
+def plan_cmd(
+    file: Path = typer.Argument(..., help="the .eff file"),
+    memory: Optional[str] = typer.Option(None, "--memory", help=MEMORY_HELP),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="data-parallel processes to plan for "
+                                        "[default: the budget's devices x nodes]"),
+    plan: List[str] = typer.Option([], "--plan", help="pin a field of every plan (repeatable): " + PLAN_HELP),
+    set_: List[str] = typer.Option([], "--set", help="override a param: --set rank=16 (repeatable)"),
+    top: int = typer.Option(5, "--top", min=1, help="how many of the best plans to show"),
+    format: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text for people, json for tools"),
+) -> None:
+    """Rank the execution plans of every train step by predicted step time under the memory budget."""
+    import json
+
+    from effc.compiler.search import format_search
+
+    _, compiled = _check_and_compile(file, set_, OutputFormat.text, plan, memory, nproc)
+    profile = compiled.builds[0].time.profile if compiled.builds else "none"
+    if format is OutputFormat.json:
+        steps = []
+        for b in compiled.builds:
+            steps.append({"stage": b.stage, "model": b.step.model.name, "line": b.step.span.line,
+                          "method": b.search.method, "space": b.search.space, "evaluated": b.search.evaluated,
+                          "budget": b.search.budget,
+                          "ranked": [{"plan": c.plan.to_json(), "memory": c.memory, "seconds": c.time.seconds,
+                                      "tokens_per_s": c.time.tokens_per_s} for c in b.search.ranked[:top]],
+                          "over_budget": len(b.search.over)})
+        typer.echo(json.dumps({"profile": profile, "steps": steps}, indent=1))
+        return
+    typer.echo(f"profile: {profile} (effc profile measures this machine)\n")
+    for b in compiled.builds:
+        typer.echo(format_search(b.search, f"train {b.step.model.name} (stage {b.stage}, line {b.step.span.line})",
+                                 top))
 
 
 @app.command()

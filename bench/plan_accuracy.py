@@ -23,6 +23,7 @@ and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -51,7 +52,7 @@ LORA = "    adapt m.layers[*].attn.{q,k,v,o} with lora(rank=8, alpha=16)\n"
 DORA = "    adapt m.layers[*].mlp.{up,down} with dora(rank=8)\n"
 INT4 = "    quantize m.layers[*].** to int4(group=64)\n"
 
-# name, model, stage body, batch, seq, --plan overrides
+# name, model, stage body, batch, seq, --plan overrides[, processes]
 GRID = [
     ("full b8 s128", MODEL, "", 8, 128, []),
     ("lora b8 s128", MODEL, LORA, 8, 128, []),
@@ -67,6 +68,9 @@ GRID = [
     ("full b2 s64", MODEL, "", 2, 64, []),
     ("small lora b4 s64", SMALL, LORA, 4, 64, []),
     ("small bf16 b1 s32", SMALL, LORA, 1, 32, ["precision=bf16"]),
+    ("lora 2 proc DDP", MODEL, LORA, 8, 128, [], 2),
+    ("full 2 proc zero2", MODEL, "", 8, 128, ["shard=zero2"], 2),
+    ("full 2 proc zero3", MODEL, "", 8, 128, ["shard=zero3"], 2),
 ]
 
 
@@ -76,21 +80,37 @@ def source(model: str, body: str, batch: int, seq: int) -> str:
             f"stage s:\n{body}    train m on d (steps=1, batch={batch}, clip=1.0)\n")
 
 
-def build_of(model, body, batch, seq, overrides):
+def build_of(model, body, batch, seq, overrides, world=1):
+    """The build with the statement's own plan and the overrides (no search: each point
+    measures the plan it names)."""
     result = check_source(source(model, body, batch, seq))
     if not result.ok:
         raise SystemExit("\n".join(d.message for d in result.diagnostics))
-    compiled = compile_checked(result, parse_overrides(overrides))
+    compiled = compile_checked(result, parse_overrides(overrides), world=world, searching=False)
     return compiled.builds[0]
 
 
-def measure(b, seq: int, steps: int) -> dict:
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this process (what it holds), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def measure(b, seq: int, steps: int, rank: int = 0, world: int = 1) -> dict:
+    """Median step time and the tensor-level peak of one step, on this process; with
+    `world` > 1 (inside a gloo process group) the model is wrapped as the plan says and
+    this process computes its share of the batch."""
     plan, ir = b.plan, b.ir
     dtypes = {"float32": torch.float32, "uint8": torch.uint8, "int8": torch.int8}
     packed = {p.path: torch.randint(0, 16, p.shape).to(dtypes[p.dtype]) if p.dtype != "float32"
               else torch.full(p.shape, 0.01) for p in ir.params() if p.quantized}  # timing and bytes only
     gm, _ = materialize(ir, seq, packed, 0, kernels=plan.kernels)
     forward = planned.forward_of(gm, plan)
+    dp = None
+    if world > 1:
+        from effc.runtime.distributed import DataParallel
+
+        dp = DataParallel(gm, forward, plan.shard)
+        forward = dp.module
     named = trainable(gm, ir)
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
@@ -98,14 +118,19 @@ def measure(b, seq: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (plan.batch, seq), generator=g)
     y = torch.randint(0, vocab, (plan.batch, seq), generator=g)
-    sizes = micro_sizes(plan.batch, plan.accumulate)
+    shares = micro_sizes(plan.batch, world)
+    start = sum(shares[:rank])
+    x, y = x[start:start + shares[rank]], y[start:start + shares[rank]]
+    sizes = micro_sizes(len(x), plan.accumulate)
     gm.train()
 
     def step():
-        for xm, ym in zip(x.split(sizes), y.split(sizes)):
-            with planned.precision(plan):
+        for i, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes))):
+            sync = dp.no_sync(i == len(sizes) - 1) if dp else contextlib.nullcontext()
+            with sync, planned.precision(plan):
                 loss = forward(xm, ym)
-            (loss.float() / y.numel()).backward()
+            with sync:
+                (loss.float() / (plan.batch * seq)).backward()
             del loss
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=False)
         opt.step()
@@ -115,15 +140,44 @@ def measure(b, seq: int, steps: int) -> dict:
         step()
     times = []
     for _ in range(steps):
+        if dp:
+            torch.distributed.barrier()
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    state = [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    state = [_local(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     with LiveBytes() as live:
-        for t in [*gm.parameters(), *gm.buffers(), *state, x, y]:
+        for t in [*(_local(p) for p in gm.parameters()), *gm.buffers(), *state, x, y]:
             live.track(t)
         step()
     return {"seconds": statistics.median(times), "peak": live.peak}
+
+
+def _worker(rank: int, world: int, port: int, point: tuple, steps: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # two processes share the two cores
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    name, model, body, batch, seq, overrides, _ = point
+    m = measure(build_of(model, body, batch, seq, overrides, world), seq, steps, rank, world)
+    if rank == 0:
+        Path(out).write_text(json.dumps(m))
+    torch.distributed.destroy_process_group()
+
+
+def measure_spawned(point: tuple, steps: int) -> dict:
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    world = point[6]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rank0.json")
+        mp.spawn(_worker, args=(world, port, point, steps, out), nprocs=world)
+        return json.loads(Path(out).read_text())
 
 
 def main() -> None:
@@ -138,14 +192,16 @@ def main() -> None:
     rows = []
     print(f"profile: {profile.source}")
     print(f"{'point':24} {'plan':52} {'mem est':>8} {'mem meas':>8} {'ratio':>6} {'t est':>7} {'t meas':>7} {'ratio':>6}")
-    for name, model, body, batch, seq, overrides in GRID:
+    for point in GRID:
+        name, model, body, batch, seq, overrides, world = (*point, 1)[:7]
         if only and name not in only:
             continue
-        b = build_of(model, body, batch, seq, overrides)
+        b = build_of(model, body, batch, seq, overrides, world)
         t = predict(b.ir, b.plan, seq, profile)
-        m = measure(b, seq, args.steps)
-        row = {"point": name, "plan": b.plan.describe(), "peak_est_mib": b.cost.peak_bytes / MIB,
-               "peak_measured_mib": m["peak"] / MIB, "peak_ratio": b.cost.peak_bytes / m["peak"],
+        m = measure_spawned((name, model, body, batch, seq, overrides, world), args.steps) if world > 1 \
+            else measure(b, seq, args.steps)
+        row = {"point": name, "plan": b.plan.describe(), "peak_est_mib": b.memory / MIB,
+               "peak_measured_mib": m["peak"] / MIB, "peak_ratio": b.memory / m["peak"],
                "seconds_est": t.seconds, "seconds_measured": m["seconds"], "time_ratio": t.seconds / m["seconds"],
                "parts": dict(t.parts)}
         rows.append(row)

@@ -313,15 +313,17 @@ def _checkpointed(ir: IR, saved: list, checkpoint: tuple[str, ...]) -> tuple[lis
     return out, members
 
 
-def _backward_peak(ir: IR, rg: dict[str, bool], saved: list, plain: list, pieces: dict[tuple, list[int]],
-                   fused: tuple[str, str] | None, scale, grad_of: dict[int, int], ahead: int) -> int:
-    """The most bytes live at one moment of backward, walking the ops in reverse: the
+def _backward_lines(ir: IR, rg: dict[str, bool], saved: list, plain: list, pieces: dict[tuple, list[int]],
+                    fused: tuple[str, str] | None, scale, grad_of: dict[int, int], ahead: int) -> list[tuple[int, int]]:
+    """The bytes live at each op's backward, walking the ops in reverse, as (bytes that do
+    not grow with the batch, bytes per sequence); the peak at a batch of b sequences is
+    the largest const + b * per_sequence. Live are: the
     activations not yet freed (a tensor saved by several ops is freed after the earliest
     one's backward; a recomputed piece's own saves exist from its recomputation, when
     backward reaches its last op, until they are freed within it), the gradients of the
     params whose ops have run backward (`grad_of`: bytes by the op index that allocates
     them), `ahead` bytes live throughout (saved once a step) and the op's own
-    temporaries. `scale(i, per_token)` turns bytes per token of op i into bytes."""
+    temporaries. `scale(i, per_token)` turns bytes per token of op i into bytes a sequence."""
     nodes = ir.nodes()
     index = {n.id: i for i, n in enumerate(nodes)}
     intervals: list[tuple[int, int, int]] = []  # (from op, to op, bytes): live while from <= i <= to
@@ -346,18 +348,97 @@ def _backward_peak(ir: IR, rg: dict[str, bool], saved: list, plain: list, pieces
     for lo, hi, b in intervals:
         starts[min(hi, end - 1)] = starts.get(min(hi, end - 1), 0) + b
         ends[lo] = ends.get(lo, 0) + b
-    worst, grads, live = 0, ahead, 0
+    lines, grads, live = [], ahead, 0
     for i in range(end - 1, -1, -1):
         grads += grad_of.get(i, 0)
         live += starts.get(i, 0)
-        worst = max(worst, grads + live + scale(i, 4 * _node_transient(ir, nodes[i], rg, fused)))
+        lines.append((grads, live + scale(i, 4 * _node_transient(ir, nodes[i], rg, fused))))
         live -= ends.get(i, 0)
-    return worst
+    return lines
 
 
 def _bytes_of(saved: list, ir: IR) -> int:
     shared = set().union(*(s for _, s, _ in saved))
     return sum(e for _, _, e in saved) + sum(_width(ir.node(i)) * 4 for i in shared)
+
+
+class MemoryModel:
+    """The memory of a train step under one plan as a function of the micro-batch:
+    everything per sequence is computed once, so `cost(batch)` is cheap (the plan search
+    asks it for every micro-batch size)."""
+
+    def __init__(self, ir: IR, seq: int, optimizer: str = "adamw", checkpoint: tuple[str, ...] | None = None,
+                 kernels: tuple[str, ...] | None = None, precision: str = "fp32"):
+        if optimizer not in OPTIMIZER_STATES:
+            raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
+        held = _stored(ir)
+        stored = [p for p in held if p.storage != "generated"]
+        trainable = [p for p in stored if p.trainable]
+        roles: dict[str, int] = {}
+        for p in stored:
+            roles[p.role] = roles.get(p.role, 0) + p.elements
+        self.weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in held)
+        self.grads = sum(p.numel * DTYPE_BYTES[p.dtype] for p in trainable)
+        self.opt = sum(p.numel for p in trainable) * 4 * OPTIMIZER_STATES[optimizer]
+        self.params_total, self.params_trainable = sum(p.elements for p in stored), sum(p.numel for p in trainable)
+        self.roles = tuple(sorted(roles.items()))
+        rg = _requires_grad(ir)
+        prefix = prefix_length(ir)
+        self.seq = seq = seq + prefix
+        fused = fused_head(ir) if kernels is not None and "linear_cross_entropy" in kernels else None
+        plain = _fuse(ir, _saved(ir, rg, COSTED if kernels is None else kernels), fused, rg)
+        saved, pieces = (_checkpointed(ir, plain, checkpoint) if checkpoint and any(c != "none" for c in checkpoint)
+                         else (plain, {}))
+        nodes = ir.nodes()
+        per_step = sum(kind_of(n).saved_per_step(ir, n, rg) for n in nodes if n.op in ADAPTERS and rg[n.id])
+        # where each trainable param's gradient appears in backward: at the last op reading it
+        by_path = {p.path: p for p in trainable}
+        grad_at: dict[str, int] = {}
+        for i, n in enumerate(nodes):
+            for p in n.params:
+                key = p.tied_to or p.path
+                if key in by_path:
+                    grad_at[key] = i
+        if fused:  # the fused loss computes a trainable head's weight gradient in forward
+            w = ir.node(fused[0]).params[0]
+            if w.trainable:
+                grad_at.pop(w.tied_to or w.path, None)
+                if w.tied_to is None:  # a tied head's gradient still adds into the embedding's in backward
+                    per_step += w.numel * DTYPE_BYTES[w.dtype]
+        grad_of: dict[int, int] = {}
+        for key, i in grad_at.items():
+            grad_of[i] = grad_of.get(i, 0) + by_path[key].numel * DTYPE_BYTES[by_path[key].dtype]
+
+        def scale(i: int, per_token: int) -> int:
+            # The loss reads the input's own positions only: its log-probabilities skip the prefix.
+            return per_token * (seq - prefix if nodes[i].op is Op.LOSS else seq)
+
+        # bytes per sequence unless said otherwise
+        self.per_step = per_step
+        self.acts = sum(scale(i, e) for i, (_, _, e) in enumerate(saved))
+        self.acts += sum(4 * _width(ir.node(t)) * seq for t in set().union(*(s for _, s, _ in saved)))
+        recompute = max((_bytes_of([plain[i] for i in ids], ir) for ids in pieces.values()), default=0)
+        self.transient = seq * (_transient_per_token(ir, rg, fused) + recompute)
+        self.forward = seq * _forward_peak_per_token(ir, rg, saved, fused, COSTED if kernels is None else kernels)
+        self.backward = (_backward_lines(ir, rg, saved, plain, pieces, fused, scale, grad_of, per_step)
+                         if any(rg.values()) else [(0, 0)])
+        # AdamW's step (one tensor at a time) holds a temporary or two of the largest param
+        self.step = self.grads + 2 * max((p.numel * 4 for p in trainable), default=0)
+        self.flops = _flops(ir, rg, seq)
+        self.copies = 0  # bf16 autocast's weight copies, held from forward through backward
+        if precision == "bf16":
+            self.copies = 2 * sum(n.attrs.in_features * n.attrs.out_features for n in nodes
+                                  if n.op is Op.LINEAR and not any(p.quantized for p in n.params))
+        self.storage = _storage(ir)
+
+    def cost(self, batch: int) -> Cost:
+        backward = max(c + batch * b for c, b in self.backward) + self.copies
+        forward = batch * self.forward + self.copies
+        # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
+        peak = self.weights + self.opt + max(backward, forward, self.step)
+        return Cost(batch, self.seq, self.params_total, self.params_trainable, self.roles, self.weights,
+                    self.grads, self.opt, batch * self.acts + self.per_step, batch * self.transient, peak,
+                    self.flops[0], self.flops[1], self.storage)
 
 
 def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
@@ -369,69 +450,7 @@ def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",
     saved tensors the references' accounting describes, effc.compiler.plan.COSTED),
     `precision` its precision: under bf16 autocast every dense linear weight has a bf16
     copy (2 bytes an element), cast in forward and kept for backward."""
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"no cost model for optimizer '{optimizer}' (have: {', '.join(OPTIMIZER_STATES)})")
-    held = _stored(ir)
-    stored = [p for p in held if p.storage != "generated"]
-    trainable = [p for p in stored if p.trainable]
-    roles: dict[str, int] = {}
-    for p in stored:
-        roles[p.role] = roles.get(p.role, 0) + p.elements
-    weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in held)
-    grads = sum(p.numel * DTYPE_BYTES[p.dtype] for p in trainable)
-    opt = sum(p.numel for p in trainable) * 4 * OPTIMIZER_STATES[optimizer]
-    rg = _requires_grad(ir)
-    prefix = prefix_length(ir)
-    seq += prefix
-    tokens = batch * seq
-    fused = fused_head(ir) if kernels is not None and "linear_cross_entropy" in kernels else None
-    plain = _fuse(ir, _saved(ir, rg, COSTED if kernels is None else kernels), fused, rg)
-    saved, pieces = (_checkpointed(ir, plain, checkpoint) if checkpoint and any(c != "none" for c in checkpoint)
-                     else (plain, {}))
-    nodes = ir.nodes()
-    per_step = sum(kind_of(n).saved_per_step(ir, n, rg) for n in nodes if n.op in ADAPTERS and rg[n.id])
-    # where each trainable param's gradient appears in backward: at the last op reading it
-    by_path = {p.path: p for p in trainable}
-    grad_at: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        for p in n.params:
-            key = p.tied_to or p.path
-            if key in by_path:
-                grad_at[key] = i
-    early = 0
-    if fused:  # the fused loss computes a trainable head's weight gradient in forward
-        w = ir.node(fused[0]).params[0]
-        if w.trainable:
-            early = w.numel * DTYPE_BYTES[w.dtype]
-            grad_at.pop(w.tied_to or w.path, None)
-            if w.tied_to is None:  # a tied head's gradient still adds into the embedding's in backward
-                per_step += early
-    grad_of: dict[int, int] = {}
-    for key, i in grad_at.items():
-        grad_of[i] = grad_of.get(i, 0) + by_path[key].numel * DTYPE_BYTES[by_path[key].dtype]
-
-    def scale(i: int, per_token: int) -> int:
-        # The loss reads the input's own positions only: its log-probabilities skip the prefix.
-        return per_token * (batch * (seq - prefix) if nodes[i].op is Op.LOSS else tokens)
-
-    acts = sum(scale(i, e) for i, (_, _, e) in enumerate(saved)) + per_step
-    acts += sum(4 * _width(ir.node(t)) * tokens for t in set().union(*(s for _, s, _ in saved)))
-    recompute = max((_bytes_of([plain[i] for i in ids], ir) for ids in pieces.values()), default=0)
-    transient = tokens * (_transient_per_token(ir, rg, fused) + recompute)
-    forward = tokens * _forward_peak_per_token(ir, rg, saved, fused, COSTED if kernels is None else kernels)
-    backward = _backward_peak(ir, rg, saved, plain, pieces, fused, scale, grad_of, per_step) if any(rg.values()) else 0
-    # AdamW's step (one tensor at a time) holds a temporary or two of the largest param
-    step = grads + 2 * max((p.numel * 4 for p in trainable), default=0)
-    fwd, train = _flops(ir, rg, seq)
-    # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
-    if precision == "bf16":
-        copies = 2 * sum(n.attrs.in_features * n.attrs.out_features for n in nodes
-                         if n.op is Op.LINEAR and not any(p.quantized for p in n.params))
-        forward, backward = forward + copies, backward + copies
-    peak = weights + opt + max(backward, forward, step)
-    return Cost(batch, seq, sum(p.elements for p in stored), sum(p.numel for p in trainable),
-                tuple(sorted(roles.items())), weights, grads, opt, acts, transient,
-                peak, fwd, train, _storage(ir))
+    return MemoryModel(ir, seq, optimizer, checkpoint, kernels, precision).cost(batch)
 
 
 def _storage(ir: IR) -> tuple[tuple[str, str], ...]:

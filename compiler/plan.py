@@ -85,7 +85,9 @@ class Plan:
         """One line: `micro-batch 8 x 2, checkpoint none, fp32, kernels all, compile off`."""
         modes = set(self.checkpoint) or {"none"}
         checkpoint = modes.pop() if len(modes) == 1 else ",".join(self.checkpoint)
-        kernels = "all" if self.kernels == KERNELS else ",".join(self.kernels) or "none"
+        off = [k for k in KERNELS if k not in self.kernels]
+        kernels = ("all" if not off else "all but " + ",".join(off) if len(off) <= 2
+                   else ",".join(self.kernels) or "none")
         text = (f"micro-batch {self.micro_batch} x {self.accumulate}, checkpoint {checkpoint}, {self.precision}, "
                 f"kernels {kernels}, compile {'on' if self.compile else 'off'}")
         if self.world > 1:

@@ -27,9 +27,9 @@ VERSION = 1
 
 
 class ProfileError(Exception):
-    def __init__(self, message: str, hint: str):
+    def __init__(self, message: str, hint: str, path: str | None = None):
         super().__init__(message)
-        self.message, self.hint = message, hint
+        self.message, self.hint, self.path = message, hint, path
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class DeviceProfile:
     def from_json(d: dict, source: str) -> "DeviceProfile":
         if not isinstance(d, dict) or d.get("effc_profile") != VERSION:
             raise ProfileError(f"{source} is not an effc device profile (version {VERSION})",
-                               "write one with: effc profile")
+                               "write one with: effc profile", source)
         try:
             return DeviceProfile(str(d["name"]), str(d["device"]), int(d["threads"]),
                                  {k: [[float(x) for x in row] for row in v] for k, v in d["matmul"].items()},
@@ -70,7 +70,7 @@ class DeviceProfile:
                                  source)
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"{source}: a field is missing or malformed ({e})",
-                               "measure this machine again with: effc profile") from None
+                               "measure this machine again with: effc profile", source) from None
 
 
 # A 2-core AVX2 x86 CPU without bf16 instructions, torch 2.13.0+cpu CPU build, 2 threads:
@@ -87,12 +87,15 @@ DEFAULT_CPU = DeviceProfile(
 
 
 def device_kind() -> str:
-    try:
-        import torch
+    """"cuda" or "cpu". Without torch loaded (`effc check` never loads it) a stored CUDA
+    profile says this machine has a GPU, rather than paying seconds to import torch."""
+    import sys
 
+    torch = sys.modules.get("torch")
+    if torch is not None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    stored = Path.home() / ".cache" / "effc" / "profile-cuda.json"
+    return "cuda" if stored.is_file() else "cpu"
 
 
 def profile_path(device: str | None = None) -> Path:
@@ -113,5 +116,6 @@ def load_profile(path: Path | None = None) -> DeviceProfile:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ProfileError(f"cannot read the device profile {p}: {e}", "measure again with: effc profile") from None
+        raise ProfileError(f"cannot read the device profile {p}: {e}", "measure again with: effc profile",
+                           str(p)) from None
     return DeviceProfile.from_json(data, str(p))

@@ -85,16 +85,32 @@ def _width(n: Node) -> int:
     return n.shape[-1] if n.shape else 1
 
 
-class _Model:
-    """Per-op times of one IR under one plan; `op_times(tokens)` is a micro-batch's."""
+# The kernel swaps that change an op's time
+_KERNELS_OF = {Op.LINEAR: {"linear_cross_entropy", "quant_linear"}, Op.LOSS: {"linear_cross_entropy"},
+               Op.LORA: {"lora_linear"}, Op.RMSNORM: {"rms_norm"}, Op.SWIGLU: {"swiglu"}, Op.ROTARY: {"rotary"}}
 
-    def __init__(self, ir: IR, plan: Plan, seq: int, p: DeviceProfile, share: float):
-        self.ir, self.plan, self.seq, self.p, self.share = ir, plan, seq + prefix_length(ir), p, share
+
+class _Model:
+    """Per-op times of one IR at one precision, on `share` of the profiled device, for
+    any kernel set; each op's time is computed once per (op, tokens, its kernels)."""
+
+    def __init__(self, ir: IR, seq: int, p: DeviceProfile, precision: str, share: float):
+        self.ir, self.seq, self.p, self.share = ir, seq + prefix_length(ir), p, share
         self.rg = _requires_grad(ir)
-        self.dtype = "bfloat16" if plan.precision == "bf16" else "float32"
-        self.fused = fused_head(ir) if "linear_cross_entropy" in plan.kernels else None
+        self.dtype = "bfloat16" if precision == "bf16" else "float32"
+        self.head = fused_head(ir)
         self.call = p.overhead.get("aten_op", 2e-6) * EAGER / share
         self.custom = p.overhead.get("custom_op", 5e-5) / share
+        self.cache: dict[tuple, tuple[float, float, str]] = {}
+
+    def time(self, n: Node, tokens: int, kernels: tuple[str, ...]) -> tuple[float, float, str]:
+        mine = tuple(k for k in kernels if k in _KERNELS_OF.get(n.op, ()))
+        key = (n.id, tokens, mine)
+        if key not in self.cache:
+            self.kernels = mine
+            self.fused = self.head if "linear_cross_entropy" in mine else None
+            self.cache[key] = self.node(n, tokens)
+        return self.cache[key]
 
     def _calls(self, calls: float, tokens: int, width: int) -> float:
         return calls * (self.call + 8.0 * tokens * width / (self.p.bandwidth * self.share))
@@ -115,7 +131,7 @@ class _Model:
             if packed:  # dequantize: read the packed tensors, write fp32; again in backward
                 weights = a.in_features * a.out_features
                 moved = sum(q.numel for q in packed) + 4 * weights
-                deq = moved / (p.bandwidth * s) + 6 * (self.custom if "quant_linear" in self.plan.kernels else self.call)
+                deq = moved / (p.bandwidth * s) + 6 * (self.custom if "quant_linear" in self.kernels else self.call)
                 fwd, bwd = fwd + deq, bwd + deq * rg[src]
             if self.dtype == "bfloat16":  # autocast casts the weight once a micro-batch
                 fwd += 6.0 * a.in_features * a.out_features / (p.bandwidth * s) + self.call
@@ -134,7 +150,7 @@ class _Model:
             f, b = kind_of(n).flops(ir, n, rg)  # per token
             small = p.matmul_rate(tokens, 16, 16, self.dtype) * s
             moved = 3 * 8.0 * tokens * _width(n) / (p.bandwidth * s)
-            lora = n.op.name == "LORA" and "lora_linear" in self.plan.kernels
+            lora = n.op.name == "LORA" and "lora_linear" in self.kernels
             calls = self.custom if lora else ADAPTER_CALLS * self.call
             return tokens * f / small + moved + calls, (tokens * b / small + moved + calls * BWD_CALLS) * grad, "adapters"
         if n.op is Op.ATTENTION_CORE:
@@ -143,7 +159,7 @@ class _Model:
             t = flops / (p.matmul_rate(self.seq, self.seq, a.head_dim, self.dtype) * s)
             t += self._calls(CALLS[n.op], tokens, a.heads * a.head_dim)
             return t, t * BWD_ATTENTION * grad, "attention"
-        swapped = SWAPPED.get(n.op) in self.plan.kernels
+        swapped = SWAPPED.get(n.op) in self.kernels
         if swapped:
             passes = {Op.RMSNORM: 2, Op.SWIGLU: 3, Op.ROTARY: 2}[n.op]
             fwd = self.custom + passes * 8.0 * tokens * _width(n) / (p.bandwidth * s)
@@ -158,40 +174,62 @@ def _shares(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts) if base + (i < extra) > 0]
 
 
+class Timer:
+    """Step times of one IR at one precision and process count, for any plan: the plan
+    search asks it for thousands of plans, and each op's time is computed once."""
+
+    def __init__(self, ir: IR, seq: int, profile: DeviceProfile, precision: str = "fp32", world: int = 1,
+                 sequences_per_item: int = 1, procs_per_node: int | None = None):
+        procs = procs_per_node or (world if profile.device == "cpu" else 1)
+        self.share = 1.0 / max(1, procs)
+        self.ir, self.profile, self.items = ir, profile, sequences_per_item
+        self.model = _Model(ir, seq, profile, precision, self.share)
+        self.nodes = ir.nodes()
+        trainable = [q for q in ir.params() if q.trainable and q.tied_to is None and q.storage != "generated"]
+        self.tensors, self.elements = len(trainable), sum(q.numel for q in trainable)
+        self.weight_bytes = 4.0 * sum(q.numel for q in ir.params() if q.tied_to is None and not q.quantized)
+        self.passes: dict[tuple, list[tuple[str, float]]] = {}
+
+    def _pass(self, tokens: int, kernels: tuple[str, ...], checkpoint: tuple[str, ...]) -> list[tuple[str, float]]:
+        """Seconds by kind of one micro-batch's forward and backward."""
+        key = (tokens, kernels, checkpoint)
+        if key not in self.passes:
+            m, parts = self.model, {}
+            for n in self.nodes:
+                fwd, bwd, kind = m.time(n, tokens, kernels)
+                parts[kind] = parts.get(kind, 0.0) + fwd + bwd
+                if m.rg[n.id] and piece(n.id, checkpoint)[1]:
+                    parts["recompute"] = parts.get("recompute", 0.0) + fwd
+            self.passes[key] = list(parts.items())
+        return self.passes[key]
+
+    def step(self, plan: Plan) -> StepTime:
+        m, profile = self.model, self.profile
+        parts: dict[str, float] = {}
+        mine = _shares(plan.batch, plan.world)[0]  # the largest share: the others wait for it
+        for micro in _shares(mine, plan.accumulate):
+            for kind, t in self._pass(micro * self.items * m.seq, plan.kernels, plan.checkpoint):
+                parts[kind] = parts.get(kind, 0.0) + t
+        bw = profile.bandwidth * self.share
+        parts["optimizer"] = self.tensors * (ADAM_CALLS + 3) * m.call + (ADAM_PASSES + 2) * 4.0 * self.elements / bw
+        if plan.world > 1:
+            w = plan.world
+            grads = 4.0 * self.elements
+            rate = float(profile.collectives.get("all_reduce", COLLECTIVE_DEFAULT))
+            if plan.shard == "none":
+                moved = 2 * grads
+            else:  # reduce-scatter the gradients; all-gather the parameters once (zero2) or twice (zero3)
+                moved = grads + self.weight_bytes * (2 if plan.shard == "zero3" else 1)
+            parts["communication"] = moved * (w - 1) / w / rate
+        total = sum(parts.values())
+        return StepTime(total, tuple(sorted(parts.items(), key=lambda kv: -kv[1])),
+                        plan.batch * self.items * m.seq, profile.source)
+
+
 def predict(ir: IR, plan: Plan, seq: int, profile: DeviceProfile, sequences_per_item: int = 1,
             procs_per_node: int | None = None) -> StepTime:
     """The predicted time of one optimizer step of `plan` (its whole batch, on every
     process). `sequences_per_item`: 2 for a sentence encoder's (anchor, positive) pairs.
     `procs_per_node`: processes sharing one machine (default: all of `plan.world` on a
     CPU, one per device on a GPU)."""
-    procs = procs_per_node or (plan.world if profile.device == "cpu" else 1)
-    share = 1.0 / max(1, procs)
-    m = _Model(ir, plan, seq, profile, share)
-    tokens_per_seq = m.seq
-    parts: dict[str, float] = {}
-    mine = _shares(plan.batch, plan.world)[0]  # the largest share: the others wait for it
-    recomputed = {n.id for n in ir.nodes() if piece(n.id, plan.checkpoint)[1]}
-    for micro in _shares(mine, plan.accumulate):
-        tokens = micro * sequences_per_item * tokens_per_seq
-        for n in ir.nodes():
-            fwd, bwd, kind = m.node(n, tokens)
-            parts[kind] = parts.get(kind, 0.0) + fwd + bwd
-            if n.id in recomputed and m.rg[n.id]:
-                parts["recompute"] = parts.get("recompute", 0.0) + fwd
-    trainable = [q for q in ir.params() if q.trainable and q.tied_to is None and q.storage != "generated"]
-    elements = sum(q.numel for q in trainable)
-    bw = profile.bandwidth * share
-    parts["optimizer"] = len(trainable) * (ADAM_CALLS + 3) * m.call + (ADAM_PASSES + 2) * 4.0 * elements / bw
-    if plan.world > 1:
-        w = plan.world
-        grads = 4.0 * elements
-        weights = 4.0 * sum(q.numel for q in ir.params() if q.tied_to is None and not q.quantized)
-        rate = float(profile.collectives.get("all_reduce", COLLECTIVE_DEFAULT))
-        if plan.shard == "none":
-            moved = 2 * grads
-        else:  # reduce-scatter the gradients; all-gather the parameters once (zero2) or twice (zero3)
-            moved = grads + weights * (2 if plan.shard == "zero3" else 1)
-        parts["communication"] = moved * (w - 1) / w / rate
-    total = sum(parts.values())
-    return StepTime(total, tuple(sorted(parts.items(), key=lambda kv: -kv[1])),
-                    plan.batch * sequences_per_item * tokens_per_seq, profile.source)
+    return Timer(ir, seq, profile, plan.precision, plan.world, sequences_per_item, procs_per_node).step(plan)

@@ -130,6 +130,7 @@ class Step:
     data: Ref | None = None
     path: str | None = None  # export: the folder, as written (relative to the .eff file)
     edit: EditUse | None = None  # share/tie/prune/quantize: what the statement does
+    given: frozenset = frozenset()  # the options written in the statement (the others are defaults)
 
 
 @dataclass
@@ -442,7 +443,8 @@ class _Checker:
                 fits = False
             if model and data and opts is not None and fits:
                 return Step(verb, _ref(stmt.model), opts, stmt.span,
-                            Ref("data", data.name, split=stmt.data.split.name if stmt.data.split else None))
+                            Ref("data", data.name, split=stmt.data.split.name if stmt.data.split else None),
+                            given=frozenset(o.name.name for o in stmt.options))
         elif isinstance(stmt, ast.Export):
             model = self.model_ref(stmt.model, live=False)
             if not stmt.path.value.strip():

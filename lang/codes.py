@@ -33,6 +33,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0111": ("unknown param override", "A '--set name=value' names no param of the file, or its value does not parse."),
     "E0112": ("bad plan override", "A '--plan key=value' names no field of the execution plan (micro_batch, accumulate, checkpoint, precision, kernels, compile), or its value is not one the field takes (for example a checkpoint list whose length is not the model's layer count)."),
     "E0113": ("bad --memory value", "'--memory' takes a size as the language writes one (8GiB, 512MiB, 1.5GB); it replaces the file's budget(memory=...) for this command."),
+    "E0114": ("bad launch options", "'--nproc', '--nnodes', '--node-rank' and '--rdzv-endpoint' of effc run need at least one process and one node, a node rank below --nnodes, and an endpoint written HOST:PORT (required for several nodes); and each train statement's batch needs at least one sequence for every process."),
     # selectors
     "E0201": ("selector root is not a model", "A selector starts with the name of a declared model."),
     "E0202": ("index out of range", "A list index or slice in a selector lies outside the list (for example layers[6] of a 6-layer model)."),
@@ -62,6 +63,7 @@ CODES: dict[str, tuple[str, str]] = {
     # files and combinations
     "E0401": ("file not found", "A path in the file (relative to the .eff file's folder) does not exist."),
     "E0402": ("sequence too long for the model", "The data's seq is longer than the model's maximum sequence length."),
+    "E0115": ("unreadable device profile", "The device profile (`$EFFC_PROFILE`, or the one `effc profile` stored for this machine) is not a readable effc profile; measure it again with `effc profile`."),
     "E0404": ("over the memory budget", "The cost estimate predicts a peak memory for a train step above the file's budget(memory=...). The hint names the largest contributor."),
     "E0403": ("option needs another option", "An option only makes sense with another (for example metrics=[similarity] needs against=)."),
     "E0405": ("data and model disagree", "The data produces token ids the model's vocabulary cannot hold (byte-level text needs vocab >= 256), or sequences longer than the model's seq; or it is not what the model learns from: a sentence encoder trains and is evaluated on (anchor, positive) pairs, jsonl(..., prompt=, response=) records tokenized by its checkpoint's tokenizer."),
@@ -73,6 +75,7 @@ CODES: dict[str, tuple[str, str]] = {
     "E0502": ("export would overwrite", "An export folder already exists. effc never overwrites an export silently: pass --force, or choose another path."),
     "E0503": ("files cannot be read or written", "The run folder, a checkpoint in it, or an export folder cannot be read or written (a permission problem, a full disk, or a corrupt checkpoint)."),
     "E0504": ("checkpoint or export unusable", "At run time a Hugging Face checkpoint's weights were missing, damaged, stored as pickle, or disagreed with its config.json; or a model could not be written in the export format asked for."),
+    "E0505": ("a worker process failed", "One process of a run launched with --nproc or --nnodes died or exited with an error, and the others were stopped. The message names it and the last checkpoint; 'effc run FILE --resume' continues from that checkpoint, on any number of processes."),
     "E0406": ("export format cannot hold the model", "The export format has no place for something the model has: format=hf holds a plain transformers model, so adapters must be merged (merge_adapters=true) or exported on their own."),
     # warnings
     "W0101": ("unused declaration", "A param, model or data declaration is never used."),

@@ -660,8 +660,8 @@ STATEMENTS: dict[str, Entry] = {
     ), "Write the model to a folder."),
     "budget": Entry("budget", (
         Param("memory", SizeT(), doc="peak memory the run may use, per device"),
-        Param("devices", IntT(min=1), 1, "devices per node", available=False),
-        Param("nodes", IntT(min=1), 1, "nodes", available=False),
+        Param("devices", IntT(min=1), 1, "data-parallel processes per node (GPUs, or CPU processes)"),
+        Param("nodes", IntT(min=1), 1, "nodes (machines) the run spans"),
     ), "Resource budget the cost estimate and the planner must respect."),
 }
 

@@ -65,6 +65,8 @@ class ConsoleReporter(Reporter):
                           f"{st['seconds']:.1f} s, {st['tokens'] / max(st['seconds'], 1e-9):,.0f} tok/s")
                 if st.get("plan"):
                     t.add_row("", "plan", st["plan"], "")
+                if st.get("prediction"):
+                    t.add_row("", "predicted", *prediction_text(st["prediction"]))
             elif "edit" in st:  # share, tie, prune, quantize
                 t.add_row(st["stage"], st["edit"], st["result"], f"{st['seconds']:.1f} s")
         for e in s.evals:
@@ -82,3 +84,18 @@ class ConsoleReporter(Reporter):
         for path in s.exports:
             t.add_row("", "export", path, "")
         self.console.print(t)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def prediction_text(p: dict) -> tuple[str, str]:
+    """The summary's row of predicted against measured: (memory, time)."""
+    mem = f"peak {_size(p['predicted_peak'])}"
+    if "measured_peak" in p:
+        mem += f" (measured {_size(p['measured_peak'])}, {p['peak_measure']})"
+    step = f"{p['predicted_step_s'] * 1e3:.1f} ms/step"
+    if "measured_step_s" in p:
+        step += f" (measured {p['measured_step_s'] * 1e3:.1f})"
+    return mem, step

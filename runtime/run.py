@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -41,8 +42,9 @@ from effc import __version__
 from effc.compiler.adapters import adapter_index
 from effc.compiler.adapters.embedding_rows import frequent_rows
 from effc.compiler.ir import ADAPTERS, Op
-from effc.compiler.pipeline import layer_count, model_ir, snapshot_until
-from effc.compiler.plan import Plan, PlanError, default_plan, overridden
+from effc.compiler.pipeline import model_ir, plan_train, snapshot_until
+from effc.compiler.plan import PlanError
+from effc.compiler.profile import ProfileError, load_profile
 from effc.lang import ast
 from effc.lang.check import CheckResult, Ref, Step, hf_family
 from effc.lang.diagnostics import Diagnostic, Span, error
@@ -58,7 +60,7 @@ from effc.runtime import export as E
 from effc.runtime.evaluate import embedding_similarity, evaluate, pair_embeddings, pair_metrics, similarity
 from effc.runtime.hf import CheckpointReader, HFError
 from effc.runtime import merge as M
-from effc.runtime import planned
+from effc.runtime import distributed, planned
 from effc.runtime.model import State, dense_ir, dense_state, materialize, merged_state, state_of
 from effc.runtime.peft import PeftError, export_peft, read_peft
 from effc.runtime.train import Hooks, Interrupted, TrainSpec, train
@@ -73,6 +75,7 @@ class RunOptions:
     force: bool = False
     threads: int | None = None
     plan: tuple[tuple[str, str], ...] = ()  # --plan key=value overrides, applied to every train step
+    memory: int | None = None  # --memory: the budget in bytes per process, replacing the file's
 
 
 class RunFailed(Exception):
@@ -170,6 +173,8 @@ class _Run:
         self.choices: dict[str, list] = {}  # "line:col" of a drop_sublayers statement -> the layers it dropped
         self.stage_dirs: dict[str, Path] = {}
         self.stop = _Stop()
+        self.profile = None  # the device profile the plan search reads, loaded at the first train
+        self.main = distributed.is_main()  # with several processes, rank 0 alone writes and reports
         self.summary = Summary()
         self.stage_items = {i.name.name: i for i in result.program.items if isinstance(i, ast.Stage)}
 
@@ -204,6 +209,8 @@ class _Run:
         return ds.validation if ref.split == "validation" else ds.train
 
     def metric(self, record: dict) -> None:
+        if not self.main:
+            return
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -360,11 +367,13 @@ class _Run:
     def run(self) -> Summary:
         t0 = time.perf_counter()
         self.preflight()
-        self.out.mkdir(parents=True, exist_ok=True)
-        header = "".join(f"# --set {k}={v}\n" for k, v in self.overrides.items())
-        atomic_write_text(self.out / "pipeline.eff", header + self.r.source)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            header = "".join(f"# --set {k}={v}\n" for k, v in self.overrides.items())
+            atomic_write_text(self.out / "pipeline.eff", header + self.r.source)
         self._status("running")
         self._repair_metrics()
+        distributed.barrier()  # every rank has checked the export folders before any is written
         prev = ""
         try:
             with self.stop:
@@ -383,6 +392,8 @@ class _Run:
         return self.summary
 
     def _status(self, status: str) -> None:
+        if not self.main:
+            return
         atomic_write_json(self.out / "run.json", {
             "effc": __version__, "file": str(self.file), "overrides": self.overrides,
             "threads": torch.get_num_threads(), "status": status})
@@ -390,7 +401,7 @@ class _Run:
     def _repair_metrics(self) -> None:
         """A kill can leave half a line at the end of metrics.jsonl: drop it."""
         path = self.out / "metrics.jsonl"
-        if path.exists():
+        if self.main and path.exists():
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
                 atomic_write_text(path, data[: data.rfind(b"\n") + 1].decode("utf-8", "replace"))
@@ -419,10 +430,12 @@ class _Run:
                 self.states[f.stem] = self._read(f)
             self.summary.stages.append({"stage": stage.name, "cached": True})
             return key
-        if folder.exists() and (folder / "key").is_file() and (folder / "key").read_text().strip() != key:
-            shutil.rmtree(folder)  # the stage changed: its old checkpoints no longer apply
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "key", key + "\n")
+        if self.main:
+            if folder.exists() and (folder / "key").is_file() and (folder / "key").read_text().strip() != key:
+                shutil.rmtree(folder)  # the stage changed: its old checkpoints no longer apply
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / "key", key + "\n")
+        distributed.barrier()  # the folder is settled before any rank reads a checkpoint in it
         self.rep.stage(stage.name, cached=False)
         t0 = time.perf_counter()
         trains = 0
@@ -436,12 +449,14 @@ class _Run:
                 self.export(step, stage.name)
             else:
                 self.compress(stage.name, step)
-        for done_train in folder.glob("train_*"):  # finished: its checkpoints are no longer needed
-            shutil.rmtree(done_train)
-        (folder / "models").mkdir(exist_ok=True)
-        for name, state in self.states.items():
-            write_tensors(folder / "models" / f"{name}.safetensors", state)
-        atomic_write_json(done, {"key": key, "seconds": time.perf_counter() - t0})
+        if self.main:
+            for done_train in folder.glob("train_*"):  # finished: its checkpoints are no longer needed
+                shutil.rmtree(done_train)
+            (folder / "models").mkdir(exist_ok=True)
+            for name, state in self.states.items():
+                write_tensors(folder / "models" / f"{name}.safetensors", state)
+            atomic_write_json(done, {"key": key, "seconds": time.perf_counter() - t0})
+        distributed.barrier()  # later stages read the snapshots rank 0 wrote
         self.summary.stages.append({"stage": stage.name, "cached": False, "seconds": time.perf_counter() - t0})
         return key
 
@@ -455,7 +470,7 @@ class _Run:
                       "lower batch: a batch holds distinct pairs, since a repeated positive would be counted as "
                       "its own negative")
         ir, _ = model_ir(self.r, model, step.span)
-        plan = self.plan_of(ir, step)
+        plan, predicted = self.plan_of(ir, step)
         spec = dataclasses.replace(spec, accumulate=plan.accumulate)
         teacher = step.options.get("distill_from")
         kernels = plan.kernels if teacher is None else tuple(k for k in plan.kernels if k in distill.KERNELS)
@@ -468,20 +483,34 @@ class _Run:
         self.rep.line(f"  plan: {plan.describe()}" + (f"; {sum(swaps.values())} kernel swaps ("
                       + ", ".join(f"{k} {n}" for k, n in swaps.items()) + ")" if swaps else ""))
         self.metric({"kind": "plan", "stage": stage, "model": model, "plan": plan.to_json(), "swaps": dict(swaps)})
-        forward = planned.forward_of(gm, plan)
+        dp = None
+        if plan.world > 1:  # DDP or FSDP2 around the planned forward, compiled last (compile(DDP(m)))
+            dp = distributed.DataParallel(gm, planned.forward_of(gm, dataclasses.replace(plan, compile=False)),
+                                          plan.shard)
+            forward = torch.compile(dp.module) if plan.compile else dp.module
+        else:
+            forward = planned.forward_of(gm, plan)
         resume = self.opts.resume
         if not resume and ckpt.exists():
             self.rep.line(f"  found an interrupted train of '{model}': starting it over (--resume continues it)")
-            shutil.rmtree(ckpt)
+            if self.main:  # no other rank reads it: a fresh train never loads a checkpoint
+                shutil.rmtree(ckpt)
 
         def on_start(start: int, meta: dict):
             self.rep.train_start(stage, model, spec.steps, start)
             if start and meta.get("threads") not in (None, torch.get_num_threads()):
                 self.rep.line(f"  note: the checkpoint was written with {meta['threads']} threads, this run uses "
                               f"{torch.get_num_threads()}: the curve continues, but not bit for bit")
+            if start and meta.get("world", 1) != plan.world:
+                n = meta.get("world", 1)
+                self.rep.line(f"  note: the checkpoint was written by {n} process{'es' * (n != 1)}, this run has "
+                              f"{plan.world}: the curve continues, but not bit for bit")
+
+        durations: list[float] = []  # seconds of each step this run took
 
         def on_step(m):
             rec = {"kind": "train", "stage": stage, "model": model, **m}
+            durations.append(m["elapsed_s"] - sum(durations))
             self.metric(rec)
             self.rep.train_step(rec)
 
@@ -490,34 +519,72 @@ class _Run:
             self.rep.line(f"  step {m['step']}: validation {eval_result(m, ['perplexity'])}")
 
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
+        rss = _rss("VmRSS")
         try:
             res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH, forward,
-                        lambda: planned.precision(plan))
+                        lambda: planned.precision(plan), dp)
         except CheckpointError as e:
             self.fail("E0503", e.message, step.span, e.hint)
         finally:
             self.rep.train_end()
+        if dp is not None:
+            dp.unwrap()  # full, plain tensors for the stages that follow
         self.states[model] = state_of(gm, ir)
         self.summary.stages.append({"stage": stage, "train": model, "loss": res["loss"], "steps": spec.steps,
                                     "tokens": res["tokens"], "seconds": res["seconds"],
                                     "distill": f"{teacher.name}@{teacher.stage}" if teacher and teacher.stage
                                     else (teacher.name if teacher else None),
-                                    "plan": plan.describe()})
+                                    "plan": plan.describe(), **self.predicted_against_measured(predicted, durations, rss)})
+        self.metric({"kind": "prediction", "stage": stage, "model": model, **self.summary.stages[-1]["prediction"]})
 
-    def plan_of(self, ir, step: Step) -> Plan:
-        """The execution plan of a train step (`ir`: its model's IR): the statement's own
-        (its `accumulate=`), with the command line's --plan overrides."""
-        plan = default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir))
+    @staticmethod
+    def predicted_against_measured(predicted, durations: list[float], rss: int | None) -> dict:
+        """The plan's predicted step time and peak memory beside the run's: the median step
+        after the first (which pays one-off costs), and on CUDA the allocator's peak; on CPU
+        the resident set's growth over training (it includes allocator slack and torch's own
+        buffers, so it is only indicative: bench/plan_accuracy.py compares tensor-level peaks)."""
+        out = {"predicted_step_s": predicted.time.seconds, "predicted_peak": predicted.memory,
+               "profile": predicted.time.profile}
+        steady = durations[1:] or durations
+        if steady:
+            out["measured_step_s"] = statistics.median(steady)
+        if torch.cuda.is_available():
+            out["measured_peak"], out["peak_measure"] = torch.cuda.max_memory_allocated(), "CUDA allocator peak"
+        elif rss is not None and (hwm := _rss("VmHWM")) is not None:
+            out["measured_peak"], out["peak_measure"] = max(0, hwm - rss), "RSS growth"
+        return {"prediction": out}
+
+    def plan_of(self, ir, step: Step):
+        """The execution plan of a train step (`ir`: its model's IR) and its prediction: the
+        plan search's choice (effc.compiler.pipeline.plan_train, as `effc build` makes it)
+        under the budget, for this run's processes, with the --plan overrides pinned."""
+        where = Span("<command line>", 1, 1, 1, 2)
+        world = distributed.world()
+        if step.options["batch"] < world:
+            self.fail("E0114", f"batch={step.options['batch']} cannot be shared by {world} processes", step.span,
+                      f"use batch={world} or more, or fewer processes")
+        if self.profile is None:
+            try:
+                self.profile = load_profile()
+            except ProfileError as e:
+                self.fail("E0115", e.message, Span(e.path or "<profile>", 1, 1, 1, 2), e.hint)
+        budget = self.opts.memory
+        if budget is None and self.r.budget and self.r.budget.get("memory") is not None:
+            budget = self.r.budget["memory"].n
         try:
-            plan = overridden(plan, list(self.opts.plan))
+            chosen, _ = plan_train(self.r, step, ir, list(self.opts.plan), budget, world, self.profile)
         except PlanError as e:
-            self.fail("E0112", e.message, Span("<command line>", 1, 1, 1, 2), e.hint)
+            self.fail("E0112", e.message, where, e.hint)
+        plan = chosen.plan
+        if plan.shard != "none" and plan.compile:
+            self.fail("E0112", f"--plan shard={plan.shard} with compile=true: FSDP2 under torch.compile is not "
+                      "supported yet", where, "use shard=none (DDP) with compile, or leave compile off")
         errors, notes = planned.problems(plan)
         for message, hint in errors:
-            self.fail("E0112", message, Span("<command line>", 1, 1, 1, 2), hint)
+            self.fail("E0112", message, where, hint)
         for note in notes:
             self.rep.line(f"  note: {note}")
-        return plan
+        return plan, chosen
 
     def restore_choices(self, folder: Path) -> None:
         """A cached stage's run-time choices (which sublayers drop_sublayers removed): the
@@ -550,7 +617,8 @@ class _Run:
                                          self.dataset(ref).seq, e.args["samples"])
             done = C.drop_sublayers(e, state, sims)
             self.choices[_at(step.span)] = e.args["dropped"]
-            atomic_write_json(self.stage_dirs[stage] / "choices.json", self.choices)
+            if self.main:
+                atomic_write_json(self.stage_dirs[stage] / "choices.json", self.choices)
         elif e.verb == "tie":
             done = C.tie(e, state)
         elif e.verb == "share":
@@ -622,6 +690,8 @@ class _Run:
         state = state_of(gm, ir)
         if fresh and not step.model.stage:
             self.states[model] = state
+        if not self.main:  # rank 0 writes the export
+            return
         info = self.r.models[model]
         merge, fmt = step.options["merge_adapters"], step.options["format"]
         target = self.base / step.path
@@ -667,6 +737,17 @@ def adapter_args(info, ir) -> dict:
     return {n.id: info.adapters[adapter_index(n.id)].args for n in ir.nodes() if n.op in ADAPTERS}
 
 
+def _rss(field: str) -> int | None:
+    """A /proc/self/status memory field in bytes (VmRSS, VmHWM); None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _at(span: Span) -> str:
     return f"{span.line}:{span.col}"
 
@@ -706,4 +787,8 @@ def run_pipeline(result: CheckResult, file: Path, opts: RunOptions, report: Repo
                  overrides: dict[str, str] | None = None) -> Summary:
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    return _Run(result, file, opts, report or Reporter(), overrides or {}).run()
+    distributed.init()  # a worker of `effc run --nproc N` joins its process group; otherwise nothing
+    try:
+        return _Run(result, file, opts, report or Reporter(), overrides or {}).run()
+    finally:
+        distributed.close()

@@ -19,6 +19,19 @@ in-batch-negatives contrastive loss (`runtime/contrastive.py`), per pair instead
 token; its negatives come from the micro-batch (`_pair_step`).
 Structured so that later issues can change how a micro-batch is computed (activation
 checkpointing, precision, several processes) without touching the loop.
+
+Data parallelism (`dp`, effc.runtime.distributed.DataParallel; `effc run --nproc N`):
+every rank reads the step's whole batch (a pure function of the seed and s), keeps its
+contiguous share (sizes differing by at most one, like micro-batches) and splits that
+into micro-batches; gradients are reduced once a step, in the last micro-batch's
+backward. Each summed loss is divided by the *global* target count and multiplied by
+the world size, undoing DDP's and FSDP2's averaging, so the gradient is the 1-process
+one up to the order of float additions. The reported loss is the global mean (the
+ranks' sums all-reduced, with the stop flag, so every rank stops at the same step).
+Clipping sees the global norm (DDP: the gradients are already equal everywhere; FSDP2:
+clip_grad_norm_ on DTensors reduces the norm). Checkpoints hold full tensors, gathered
+from every rank and written by rank 0 alone, so a run resumes on any number of
+processes: the curve continues, but not bit for bit on another world size.
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ from effc.compiler.ir import IR
 from effc.runtime import data as D
 from effc.runtime.checkpoint import load_latest, save_checkpoint
 from effc.runtime.contrastive import pair_loss_sum
+from effc.runtime.distributed import full, is_main, shard_like
 from effc.runtime.evaluate import evaluate, evaluate_pairs
 from effc.runtime.model import trainable
 
@@ -103,20 +117,25 @@ def _optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim
 
 
 def _save(root: Path, s: int, named, opt, meta: dict) -> Path:
+    """Every rank calls it (gathering a sharded tensor is a collective); rank 0 writes."""
     tensors = {}
     for path, p in named:
-        tensors[f"param/{path}"] = p.detach()
+        tensors[f"param/{path}"] = full(p.detach())
         for k, v in opt.state.get(p, {}).items():
-            tensors[f"adam/{path}/{k}"] = v
+            tensors[f"adam/{path}/{k}"] = full(v)
+    if not is_main():
+        return root / f"step_{s:08d}"  # the folder rank 0 commits
     return save_checkpoint(root, s, tensors, {**meta, "step": s})
 
 
 def _restore(ckpt, named, opt) -> None:
+    """Full tensors into params and AdamW state, each rank keeping its shard of them."""
     with torch.no_grad():
         for path, p in named:
-            p.copy_(ckpt.tensors[f"param/{path}"])
-            state = {k: ckpt.tensors[f"adam/{path}/{k}"].clone() for k in ("step", "exp_avg", "exp_avg_sq")
-                     if f"adam/{path}/{k}" in ckpt.tensors}
+            p.copy_(shard_like(p, ckpt.tensors[f"param/{path}"]))
+            state = {k: (t if k == "step" else shard_like(p, t)).clone()
+                     for k in ("step", "exp_avg", "exp_avg_sq")
+                     if (t := ckpt.tensors.get(f"adam/{path}/{k}")) is not None}
             if state:
                 opt.state[p] = state
 
@@ -131,55 +150,75 @@ class Hooks:
     should_stop: Callable[[], bool] = lambda: False
 
 
-def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp) -> tuple[float, int]:
-    """Forward and backward of step s of a language model: (mean loss per target token,
-    tokens read). `gm` is the step's forward (the plan's: checkpointed, compiled), `amp`
-    makes the context its forwards run in (autocast, or none)."""
+def _sync(dp, i: int, sizes: list[int]):
+    """The context of micro-batch i: with several processes, gradients are reduced in the last one only."""
+    return dp.no_sync(i == len(sizes) - 1) if dp is not None else contextlib.nullcontext()
+
+
+def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp, dp=None,
+             first: int = 0) -> tuple[float, int, int]:
+    """Forward and backward of step s of a language model: (summed loss, target count of
+    the whole step, tokens read). `gm` is the step's forward (the plan's: checkpointed,
+    compiled), `amp` makes the context its forwards run in (autocast, or none). With
+    several processes (`dp`) this rank computes sequences first..first+sum(sizes) of the
+    step's batch, and the summed loss is its part."""
     seq = data.seq
     ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
     x, y = D.gather(data.train, seq, ids)
     packed = D.packing(data.train, seq, ids)  # records' boundaries, for data made of records
+    count = int((y != -100).sum())  # of the whole batch: every rank reads it, no communication
+    scale = 1
+    if dp is not None:  # this rank's share; DDP and FSDP2 average gradients over the ranks
+        share = slice(first, first + sum(sizes))
+        x, y, packed, scale = x[share], y[share], packed and [t[share] for t in packed], dp.world
     extras = [t.split(sizes) for t in packed] if packed else []
-    count = int((y != -100).sum())
     total = torch.zeros((), dtype=torch.float64)
     for i, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes))):
-        with amp():
-            part = gm(xm, ym, *(e[i] for e in extras))
-        (part.float() / max(count, 1)).backward()
+        with _sync(dp, i, sizes):
+            with amp():
+                part = gm(xm, ym, *(e[i] for e in extras))
+            (part.float() / max(count, 1) * scale).backward()
         total += part.detach().double()
-    return float(total) / max(count, 1), x.numel()
+    return float(total), count, x.numel()
 
 
-def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp) -> tuple[float, int]:
-    """Forward and backward of step s of a sentence encoder: (mean contrastive loss per
-    pair, real tokens read). Each micro-batch's summed loss (`pair_loss_sum`) is divided
-    by the step's pair count, so with accumulate=1 the gradient is exactly that of
+def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp, dp=None,
+               first: int = 0) -> tuple[float, int, int]:
+    """Forward and backward of step s of a sentence encoder: (summed contrastive loss, pair
+    count of the whole step, real tokens read); `dp` and `first` as in `_lm_step`. Each
+    micro-batch's summed loss (`pair_loss_sum`) is divided by the step's pair count, so with accumulate=1 the gradient is exactly that of
     sentence-transformers' MultipleNegativesRankingLoss on the batch. Under accumulation
     a pair's negatives are the other positives of *its micro-batch*, not of the whole
     batch (each micro-batch's graph is freed before the next runs): the step's loss is
     the mean over pairs of that per-micro-batch loss, and its chance level is
     log(micro-batch size)."""
     ids_B = D.pair_batch(data.train, s, spec.batch, spec.seed)
+    scale = 1
+    if dp is not None:
+        ids_B, scale = ids_B[first: first + sum(sizes)], dp.world
     total = torch.zeros((), dtype=torch.float64)
     tokens = 0
-    for ids_M in ids_B.split(sizes):
+    for i, ids_M in enumerate(ids_B.split(sizes)):
         a, keep_a, p, keep_p = D.gather_pairs(data.train, ids_M)
-        with amp():
-            part = pair_loss_sum(gm, a, keep_a, p, keep_p)
-        (part.float() / spec.batch).backward()
+        with _sync(dp, i, sizes):
+            with amp():
+                part = pair_loss_sum(gm, a, keep_a, p, keep_p)
+            (part.float() / spec.batch * scale).backward()
         total += part.detach().double()
         tokens += int(keep_a.sum() + keep_p.sum())
-    return float(total) / spec.batch, tokens
+    return float(total), spec.batch, tokens
 
 
 def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec, ckpt_root: Path,
-          resume: bool, hooks: Hooks, eval_batch: int = 8, forward=None, amp=contextlib.nullcontext) -> dict:
+          resume: bool, hooks: Hooks, eval_batch: int = 8, forward=None, amp=contextlib.nullcontext,
+          dp=None) -> dict:
     """Train `gm` in place; returns the summary of the run (last loss, tokens, time).
     `data` is a `Dataset` for a language model (the graph returns its summed
     cross-entropy) or `Pairs` for a sentence encoder (the graph returns embeddings, and
     the loss is the contrastive one of `_pair_step`). `forward` is what a train step
     calls instead of `gm` (an execution plan's: effc.runtime.planned.forward_of; it
-    shares gm's params), and each forward runs in the context `amp()` (autocast)."""
+    shares gm's params), and each forward runs in the context `amp()` (autocast). `dp`:
+    the process group's DataParallel (`forward` is then its module), None for one process."""
     named = trainable(gm, ir)
     # A pruned weight that trains keeps its zeros (its storage is "sparse"): the mask is
     # read off the weight before any step, its gradient is masked (so clipping sees only
@@ -194,16 +233,28 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
         start, meta = ckpt.step, ckpt.meta
     hooks.on_start(start, meta)
     gm.train()
-    sizes = micro_sizes(spec.batch, spec.accumulate)
+    sizes, first, evaluated = micro_sizes(spec.batch, spec.accumulate), 0, gm
+    if dp is not None:
+        # this rank's share of the batch, in as many micro-batches as every other rank
+        # runs (FSDP2 gathers params in each forward): no more than the smallest share holds
+        shares = micro_sizes(spec.batch, dp.world)
+        sizes = micro_sizes(shares[dp.rank], min(spec.accumulate, shares[-1]))
+        first, evaluated = sum(shares[:dp.rank]), dp.evaluator
     pairs = isinstance(data, D.Pairs)
     loss = float("nan")
     tokens, t0 = 0, time.perf_counter()
     for s in range(start, spec.steps):
-        torch.manual_seed(step_seed(spec.seed, s))
+        # each rank draws its own dropout masks (rank 0 those of a 1-process run's first micro-batch)
+        torch.manual_seed(step_seed(spec.seed, s) + (dp.rank if dp is not None else 0))
         lr = lr_at(s, spec)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, n_tokens = (_pair_step if pairs else _lm_step)(forward or gm, data, spec, s, sizes, amp)
+        total, count, n_tokens = (_pair_step if pairs else _lm_step)(forward or gm, data, spec, s, sizes, amp,
+                                                                    dp, first)
+        if dp is not None:  # the global sums, and whether any rank was asked to stop
+            total, n_tokens, asked = dp.sum([total, n_tokens, float(hooks.should_stop())])
+            n_tokens = int(n_tokens)
+        loss = total / max(count, 1)
         for w, m in masks:
             if w.grad is not None:
                 w.grad.mul_(m)
@@ -220,13 +271,16 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
                        "elapsed_s": elapsed})
         done = s + 1
         if spec.eval_every and done % spec.eval_every == 0 and done < spec.steps:
-            result = evaluate_pairs(gm, data.validation, eval_batch) if pairs else \
-                evaluate(gm, data.validation, data.seq, eval_batch)
+            # every rank evaluates (FSDP2's forward gathers params); rank 0 reports
+            result = evaluate_pairs(evaluated, data.validation, eval_batch) if pairs else \
+                evaluate(evaluated, data.validation, data.seq, eval_batch)
             hooks.on_eval({"step": done, **result})
             gm.train()
-        stop = hooks.should_stop() and done < spec.steps  # a finished run just finishes
+        # a finished run just finishes
+        stop = (asked > 0 if dp is not None else hooks.should_stop()) and done < spec.steps
         if stop or (spec.checkpoint_every and done % spec.checkpoint_every == 0 and done < spec.steps):
-            path = _save(ckpt_root, done, named, opt, {"threads": torch.get_num_threads()})
+            path = _save(ckpt_root, done, named, opt, {"threads": torch.get_num_threads(),
+                                                       "world": dp.world if dp is not None else 1})
             if stop:
                 raise Interrupted(done, path)
     return {"steps": spec.steps, "loss": loss, "tokens": tokens, "seconds": time.perf_counter() - t0}

@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the hub must never be asked (read by huggingface_hub when first imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Plans are searched with the device profile: tests use the built-in default, whatever
+# `effc profile` stored on the machine running them (a path that holds no file).
+os.environ["EFFC_PROFILE"] = str(ROOT / "tests" / ".no-device-profile.json")
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def test_check_costs_the_file_against_its_budget(tmp_path):
     path = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1KiB)\nstage s:"))
     r = runner.invoke(app, ["check", path])
     assert r.exit_code == 1
-    assert f"{path}:4:1: error[E0404]: predicted peak memory" in r.stderr
+    assert f"{path}:4:1: error[E0404]: 'train m' (stage s, line 6) needs at least" in r.stderr
     path = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1GiB)\nstage s:"), "fits.eff")
     assert runner.invoke(app, ["check", path]).exit_code == 0
 
@@ -153,7 +153,7 @@ def test_memory_on_the_command_line_replaces_the_files_budget(tmp_path):
     path = write(tmp_path, GOOD.replace("stage s:", "budget(memory=1GiB)\nstage s:"))
     r = runner.invoke(app, ["check", path, "--memory", "1KiB"])
     assert r.exit_code == 1
-    assert "<command line>:1:1: error[E0404]: predicted peak memory" in r.stderr and "(--memory)" in r.stderr
+    assert "<command line>:1:1: error[E0404]: 'train m' (stage s, line 6) needs at least" in r.stderr and "(--memory)" in r.stderr
     plain = write(tmp_path, GOOD, "plain.eff")  # no budget in the file at all
     assert runner.invoke(app, ["check", plain]).exit_code == 0
     r = runner.invoke(app, ["build", plain, "-o", str(tmp_path / "b"), "--memory", "2KB"])

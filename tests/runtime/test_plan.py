@@ -183,7 +183,7 @@ def test_effc_run_realises_and_reports_the_plan(tmp_path):
     """The same pipeline with the default plan and with accumulation, checkpointing and
     no kernels: the same loss curve to float32 rounding; the run says which plan it used."""
     (tmp_path / "p.eff").write_text(PIPELINE)
-    a = effc("run", "p.eff", "-o", "a", "--threads", "1", cwd=tmp_path)
+    a = effc("run", "p.eff", "-o", "a", "--threads", "1", "--plan", "kernels=all", cwd=tmp_path)
     assert a.returncode == 0, a.stderr
     b = effc("run", "p.eff", "-o", "b", "--threads", "1", "--plan", "accumulate=2", "--plan", "checkpoint=full",
              "--plan", "kernels=none", cwd=tmp_path)
@@ -204,6 +204,24 @@ def test_effc_run_realises_and_reports_the_plan(tmp_path):
     assert first[-1]["swaps"]["lora_linear"] == 4 and first[0]["swaps"]["linear_cross_entropy"] == 1
 
 
+def test_the_run_executes_the_plan_its_build_chose_and_reports_the_prediction(tmp_path):
+    """No field pinned: the build's searched plan is the one the run prints and records,
+    with the predicted step time and peak beside the measured ones."""
+    (tmp_path / "p.eff").write_text(PIPELINE.replace("pipeline planned", "pipeline planned\nbudget(memory=1GiB)"))
+    assert effc("build", "p.eff", "-o", "b", cwd=tmp_path).returncode == 0
+    chosen = [s["plan"] for s in json.loads((tmp_path / "b" / "build.json").read_text())["steps"]]
+    r = effc("run", "p.eff", "-o", "r", "--threads", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["plan"] for x in records if x["kind"] == "plan"] == chosen
+    predictions = [x for x in records if x["kind"] == "prediction"]
+    assert len(predictions) == 2
+    for p in predictions:
+        assert p["predicted_step_s"] > 0 and p["measured_step_s"] > 0 and p["predicted_peak"] > 0
+        assert p["profile"] == "built-in default"
+    assert "predicted" in r.stdout + r.stderr
+
+
 def test_bad_plan_on_the_command_line_is_a_diagnostic(tmp_path):
     (tmp_path / "p.eff").write_text(PIPELINE)
     r = effc("run", "p.eff", "--plan", "checkpoint=full,full,full", cwd=tmp_path)
@@ -217,7 +235,7 @@ def test_bad_plan_on_the_command_line_is_a_diagnostic(tmp_path):
 
 def test_build_stores_the_plan_and_show_lists_the_swaps(tmp_path):
     (tmp_path / "p.eff").write_text(PIPELINE)
-    r = effc("build", "p.eff", "-o", "b", "--plan", "checkpoint=attn", cwd=tmp_path)
+    r = effc("build", "p.eff", "-o", "b", "--plan", "checkpoint=attn", "--plan", "kernels=all", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     steps = json.loads((tmp_path / "b" / "build.json").read_text())["steps"]
     assert [s["plan"]["checkpoint"] for s in steps] == [["attn", "attn"]] * 2

@@ -1,0 +1,239 @@
+"""The plan search (compiler/search.py) and the step-time model (compiler/timing.py).
+
+References: an independent brute force over the plan fields (every combination costed
+directly with `estimate` and `predict`), the roofline formula for the time model, and
+the budget itself."""
+
+import itertools
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from effc.compiler.cost import estimate
+from effc.compiler.ir import Op
+from effc.compiler.lower import lower_model
+from effc.compiler.passes import PassContext, run_passes
+from effc.compiler.pipeline import PASSES, compile_checked, layer_count
+from effc.compiler.plan import CHECKPOINT, KERNELS, default_plan
+from effc.compiler.profile import DEFAULT_CPU, DeviceProfile
+from effc.compiler.search import format_search, per_process, relevant_kernels, search
+from effc.compiler.timing import MATMUL_EFFICIENCY, predict
+from effc.lang.check import check_source
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import model_info  # noqa: E402
+
+LORA = "    adapt m.layers[*].attn.{q,v} with lora(rank=4, alpha=8)\n"
+SMALL = "decoder(vocab=96, dim=32, layers=2, heads=4, ffn=64, seq=16)"
+WIDE = "decoder(vocab=256, dim=64, layers=3, heads=4, ffn=176, seq=32)"
+
+
+def ir_of(decl, body=""):
+    info = model_info(decl, body)
+    ir, _ = run_passes(lower_model(info), PASSES, PassContext(tuple(info.adapters)))
+    return ir
+
+
+def brute_force(ir, base, seq, budget):
+    """Every plan of the search's space, costed directly: (memory, seconds, plan)."""
+    layers = len(base.checkpoint)
+    layouts = [("none",) * layers] + [(m,) * k + ("none",) * (layers - k) for m in CHECKPOINT[1:]
+                                      for k in range(1, layers + 1)]
+    micro = sorted({math.ceil(base.batch / a) for a in range(1, base.batch + 1)})
+    kernels = relevant_kernels(ir)
+    out = []
+    for m, layout, on in itertools.product(micro, layouts, itertools.product([True, False], repeat=len(kernels))):
+        chosen = tuple(k for k in KERNELS if k not in kernels or on[kernels.index(k)])
+        plan = replace(base, accumulate=math.ceil(base.batch / m), checkpoint=layout, kernels=chosen)
+        c = estimate(ir, plan.micro_batch, seq, checkpoint=layout, kernels=chosen)
+        out.append((c.peak_bytes, predict(ir, plan, seq, DEFAULT_CPU).seconds, plan))
+    return out
+
+
+CASES = [(SMALL, LORA, 8, 16, None), (SMALL, "", 8, 16, 0.6), (WIDE, LORA, 6, 32, 0.5), (WIDE, "", 4, 32, 0.8)]
+
+
+@pytest.mark.parametrize("decl, body, batch, seq, squeeze", CASES)
+def test_exhaustive_search_finds_the_brute_force_optimum(decl, body, batch, seq, squeeze):
+    """`squeeze`: the budget as a fraction of the default plan's peak (None: no budget)."""
+    ir = ir_of(decl, body)
+    base = default_plan(batch, 1, layer_count(ir))
+    budget = None if squeeze is None else int(squeeze * estimate(ir, batch, seq, kernels=base.kernels).peak_bytes)
+    everything = brute_force(ir, base, seq, budget)
+    fits = [(t, mem) for mem, t, _ in everything if budget is None or mem <= budget]
+    found = search(ir, base, seq, DEFAULT_CPU, budget, method="exhaustive")
+    assert found.space == len(everything) == found.evaluated
+    assert len(found.ranked) == len(fits)
+    assert min(c.time.seconds for c in found.ranked) == pytest.approx(min(fits)[0], rel=1e-12)
+    best = found.best
+    assert budget is None or best.memory <= budget
+    assert best.time.seconds <= min(fits)[0] * 1.03 + 1e-12  # the tie rule's 3%
+
+
+@pytest.mark.parametrize("decl, body, batch, seq, squeeze", CASES + [(WIDE, LORA, 12, 32, 0.35)])
+def test_metropolis_finds_a_plan_within_five_percent_of_the_enumerated_best(decl, body, batch, seq, squeeze):
+    ir = ir_of(decl, body)
+    base = default_plan(batch, 1, layer_count(ir))
+    budget = None if squeeze is None else int(squeeze * estimate(ir, batch, seq, kernels=base.kernels).peak_bytes)
+    exhaustive = search(ir, base, seq, DEFAULT_CPU, budget, method="exhaustive")
+    walked = search(ir, base, seq, DEFAULT_CPU, budget, method="Metropolis", iterations=400)
+    assert walked.evaluated < exhaustive.space  # it sampled, rather than enumerated
+    fastest = min(c.time.seconds for c in exhaustive.ranked)
+    assert walked.best is not None and walked.best.fits
+    assert walked.best.time.seconds <= 1.05 * fastest
+
+
+def test_the_search_is_deterministic():
+    ir = ir_of(WIDE, LORA)
+    base = default_plan(12, 1, layer_count(ir))
+    a = search(ir, base, 32, DEFAULT_CPU, 2**22, method="Metropolis", iterations=300)
+    b = search(ir, base, 32, DEFAULT_CPU, 2**22, method="Metropolis", iterations=300)
+    assert [c.plan for c in a.ranked] == [c.plan for c in b.ranked]
+
+
+def test_tighter_budgets_choose_smaller_and_never_faster_plans():
+    ir = ir_of(WIDE, "")
+    base = default_plan(8, 1, layer_count(ir))
+    free = search(ir, base, 32, DEFAULT_CPU, None, method="exhaustive")
+    last_time, fitted = 0.0, 0
+    for squeeze in (1.0, 0.8, 0.6, 0.45, 0.3):
+        budget = int(squeeze * free.best.memory)
+        best = search(ir, base, 32, DEFAULT_CPU, budget, method="exhaustive").best
+        if best is None:  # tighter than any plan: so is every tighter budget
+            break
+        fitted += 1
+        assert best.memory <= budget
+        fastest = best.time.seconds / 1.03  # within the tie rule
+        assert fastest >= last_time * 0.999
+        last_time = fastest
+    assert fitted >= 3
+
+
+def test_pinned_fields_stay_as_given():
+    ir = ir_of(SMALL, LORA)
+    base = replace(default_plan(8, 2, layer_count(ir)), checkpoint=("full", "none"))
+    found = search(ir, base, 16, DEFAULT_CPU, None, pinned={"checkpoint", "accumulate"})
+    assert {c.plan.checkpoint for c in found.ranked} == {("full", "none")}
+    assert {c.plan.accumulate for c in found.ranked} == {2}
+    assert found.searched == ("kernels",)
+
+
+def test_data_parallel_memory_per_process():
+    ir = ir_of(WIDE, "")
+    c = estimate(ir, 4, 32)
+    plan = default_plan(8, 1, 3, world=2)
+    layer = sum(4 * p.numel for n in ir.nodes() if n.id.startswith("layers[0]") for p in n.params)
+    assert per_process(c, plan, layer) == c.peak_bytes + c.grad_bytes  # DDP's gradient buckets
+    sharded = (c.weight_bytes + c.grad_bytes + c.optimizer_bytes) // 2
+    rest = c.peak_bytes - c.weight_bytes - c.grad_bytes - c.optimizer_bytes
+    assert per_process(c, replace(plan, shard="zero2"), layer) == rest + sharded + c.weight_bytes
+    # one FSDP2 group over the whole graph: zero3 gathers every parameter at once, as zero2
+    assert per_process(c, replace(plan, shard="zero3"), layer) == rest + sharded + c.weight_bytes
+    found = search(ir, plan, 32, DEFAULT_CPU, None)
+    assert {c.plan.shard for c in found.ranked} == {"none", "zero2", "zero3"}
+    assert all(c.plan.micro_batch <= 4 for c in found.ranked)  # a process's share of 8 is 4
+
+
+# ---------------------------------------------------------------- the time model
+
+
+def flat_profile(rate=1e10):
+    """One matmul rate at every shape, no per-call overhead, unlimited bandwidth."""
+    return DeviceProfile("flat", "cpu", 1, {"float32": [[64.0, 64.0, 64.0, rate]]}, 1e30,
+                         {"aten_op": 0.0, "custom_op": 0.0})
+
+
+@pytest.mark.parametrize("body", ["", LORA])
+def test_matmul_time_is_the_roofline_of_every_linear(body):
+    """Forward 2 t in out per linear; backward the input gradient when the input needs
+    one and the weight gradient when the weight trains: at a flat rate, their sum over
+    the rate (and the efficiency) is the predicted matmul time."""
+    ir = ir_of(SMALL, body)
+    rate, tokens = 1e10, 8 * 16
+    plan = replace(default_plan(8, 1, 2), kernels=())
+    needs = {}
+    for n in ir.nodes():
+        needs[n.id] = any(p.trainable for p in n.params) or any(needs[i] for i in ir.inputs(n.id))
+    flops = 0
+    for n in ir.nodes():
+        if n.op is Op.LINEAR:
+            w = n.attrs.in_features * n.attrs.out_features
+            flops += 2 * tokens * w * (1 + needs[ir.inputs(n.id)[0]] + n.params[0].trainable)
+    t = predict(ir, plan, 16, flat_profile(rate))
+    assert dict(t.parts)["matmul"] == pytest.approx(flops / (rate * MATMUL_EFFICIENCY), rel=1e-9)
+
+
+def test_recomputation_and_accumulation_cost_time():
+    ir = ir_of(WIDE, LORA)
+    base = default_plan(8, 1, 3)
+    t0 = predict(ir, base, 32, DEFAULT_CPU)
+    full = predict(ir, replace(base, checkpoint=("full",) * 3), 32, DEFAULT_CPU)
+    forward_layers = dict(full.parts)["recompute"]
+    assert full.seconds == pytest.approx(t0.seconds + forward_layers)
+    assert 0 < forward_layers < t0.seconds / 2  # a forward of the layers: less than half a step
+    acc = predict(ir, replace(base, accumulate=8), 32, DEFAULT_CPU)
+    assert acc.seconds > t0.seconds  # smaller matmuls at lower rates, eight times the calls
+    assert acc.tokens == t0.tokens == 8 * 32
+
+
+# ---------------------------------------------------------------- through the compiler
+
+
+SRC = """pipeline p
+budget(memory={memory})
+model m = {decl}
+data d = markov(seq=16, vocab=96)
+stage s:
+{body}    train m on d (steps=1, batch=8{extra})
+"""
+
+
+def compiled(memory="1GiB", body=LORA, extra="", **kw):
+    result = check_source(SRC.format(memory=memory, decl=SMALL, body=body, extra=extra))
+    assert result.ok, result.diagnostics
+    return compile_checked(result, **kw)
+
+
+def test_no_plan_fits_is_a_diagnostic_at_the_budget_with_the_smallest_memory():
+    c = compiled("64KiB", body="")
+    (d,) = c.diagnostics
+    b = c.builds[0]
+    smallest = min(x.memory for x in b.search.ranked + b.search.over)
+    assert d.code == "E0404" and d.span.line == 2
+    assert f"needs at least {smallest / 2**20:.1f}MiB" in d.message and "64KiB" not in d.message
+    assert "optimizer state" in d.hint or "weights" in d.hint or "gradients" in d.hint
+
+
+def test_a_written_accumulate_is_pinned_and_a_default_one_is_searched():
+    free = compiled().builds[0].search
+    assert "accumulate" in free.searched
+    pinned = compiled(extra=", accumulate=4").builds[0]
+    assert "accumulate" not in pinned.search.searched and pinned.plan.accumulate == 4
+
+
+def test_the_report_ranks_and_says_why_the_others_lost():
+    b = compiled("512KiB").builds[0]
+    text = format_search(b.search, "train m", top=3)
+    lines = text.splitlines()
+    assert lines[0] == "# train m" and "budget 512 KiB per process" in lines[1]
+    assert [ln.split()[0] for ln in lines[3:6]] == ["1", "2", "3"]
+    assert "over the budget" in text and "slower than those shown" in text
+
+
+def test_effc_plan_prints_ranked_plans(tmp_path):
+    (tmp_path / "p.eff").write_text(SRC.format(memory="2MiB", decl=SMALL, body=LORA, extra=""))
+    cmd = [sys.executable, "-m", "effc", "plan", "p.eff", "--top", "2"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "profile: built-in default" in out.stdout and "  1  micro-batch" in out.stdout
+    js = subprocess.run(cmd + ["--format", "json", "--memory", "1MiB"], cwd=tmp_path, capture_output=True, text=True)
+    assert js.returncode == 0, js.stderr
+    step = json.loads(js.stdout)["steps"][0]
+    assert step["budget"] == 2**20 and all(r["memory"] <= 2**20 for r in step["ranked"])
+    bad = subprocess.run(cmd + ["--memory", "1KiB"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 1 and "E0404" in bad.stderr and "Traceback" not in bad.stderr
