@@ -11,7 +11,9 @@ from the device profile in use: `effc profile --show`); then the step runs:
 - time: the median of `--steps` optimizer steps (forward and backward of every
   micro-batch, clipping, AdamW), after two warm-up steps, at 2 threads;
 - memory: the tensor-level peak of one such step (effc.runtime.memory.LiveBytes: live
-  bytes of distinct storages, every param, optimizer state and activation), not RSS.
+  bytes of distinct storages, every param, optimizer state and activation), not RSS;
+  with FSDP2 the tracker re-reads storage sizes before every op, since FSDP2 frees
+  gathered parameters by resizing their storage to zero.
 
 Two-process points run the same step on 2 gloo processes (DDP or FSDP2) spawned here,
 each at 1 thread; their memory is rank 0's tensor-level peak.
@@ -146,7 +148,7 @@ def measure(b, seq: int, steps: int, rank: int = 0, world: int = 1) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     state = [_local(t) for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    with LiveBytes() as live:
+    with LiveBytes(resizes=world > 1) as live:  # FSDP2 frees gathered parameters by resizing their storage
         for t in [*(_local(p) for p in gm.parameters()), *gm.buffers(), *state, x, y]:
             live.track(t)
         step()

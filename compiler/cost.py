@@ -109,6 +109,10 @@ class Cost:
     flops_train_per_token: int
     # (what, text) lines about compressed storage: quantized, sparse and shared weights
     storage: tuple[tuple[str, str], ...] = ()
+    # the peak's moments beside weights and optimizer state: forward's, and backward's
+    # (gradients included); data parallelism reweighs them (effc.compiler.search.per_process)
+    forward_bytes: int = 0
+    backward_bytes: int = 0
 
 
 def _width(n: Node) -> int:
@@ -438,7 +442,7 @@ class MemoryModel:
         peak = self.weights + self.opt + max(backward, forward, self.step)
         return Cost(batch, self.seq, self.params_total, self.params_trainable, self.roles, self.weights,
                     self.grads, self.opt, batch * self.acts + self.per_step, batch * self.transient, peak,
-                    self.flops[0], self.flops[1], self.storage)
+                    self.flops[0], self.flops[1], self.storage, forward, backward)
 
 
 def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",

@@ -104,32 +104,29 @@ def relevant_kernels(ir: IR) -> tuple[str, ...]:
     return tuple(k for k in KERNELS if site[k])
 
 
-def per_process(cost: Cost, plan: Plan, layer_weights: int) -> int:
-    """Peak bytes of one process under the plan's data parallelism. DDP holds every
-    tensor plus its gradient buckets (a second copy of the gradients); FSDP2 shards
-    weights, gradients and optimizer state over the processes and gathers the
+def per_process(cost: Cost, plan: Plan) -> int:
+    """Peak bytes of one process under the plan's data parallelism.
+
+    DDP holds every tensor plus its gradient buckets (a second copy of the gradients).
+    FSDP2 keeps 1/world of the weights, gradients and optimizer state, and gathers the
     parameters for the step. effc's runtime shards the whole graph as one FSDP2 group
-    (its fx graph reads every parameter from the root module: runtime/distributed.py),
-    so zero3 gathers all of them at once, as zero2 does, and frees them between forward
-    and backward: its peak is zero2's. (`layer_weights`, the largest layer's bytes, is
-    what per-layer groups would hold instead: two layers, computing and prefetched.)"""
+    (its fx graph reads every parameter from the root module: runtime/distributed.py), so
+    the whole model is gathered at once, through an all-gather buffer of the same size:
+    forward holds the shards, 2 x the weights and forward's activations; backward the
+    shards, the gathered weights, backward's activations and full gradients, and the
+    gradients' shards. zero3 frees the gathered weights after forward and gathers them
+    again (2 x the weights) when backward starts, beside every saved activation."""
     if plan.world == 1:
         return cost.peak_bytes
-    w = plan.world
+    w, W, G, O = plan.world, cost.weight_bytes, cost.grad_bytes, cost.optimizer_bytes
     if plan.shard == "none":
-        return cost.peak_bytes + cost.grad_bytes
-    sharded = cost.peak_bytes - cost.weight_bytes - cost.grad_bytes - cost.optimizer_bytes
-    sharded += (cost.weight_bytes + cost.grad_bytes + cost.optimizer_bytes) // w
-    return sharded + cost.weight_bytes
-
-
-def _layer_weights(ir: IR) -> int:
-    sizes: dict[str, int] = {}
-    for n in ir.nodes():
-        if n.id.startswith("layers["):
-            key = n.id.split("]", 1)[0]
-            sizes[key] = sizes.get(key, 0) + sum(4 * p.numel for p in n.params if p.tied_to is None)
-    return max(sizes.values(), default=0)
+        return cost.peak_bytes + G
+    shards = (W + O) // w
+    forward = shards + 2 * W + cost.forward_bytes
+    backward = shards + W + cost.backward_bytes + G // w
+    if plan.shard == "zero3":
+        backward = max(backward, shards + 2 * W + cost.activation_bytes)
+    return max(forward, backward, shards + G // w + 2 * max(W // w, 1))
 
 
 class _Space:
@@ -196,7 +193,6 @@ def search(ir: IR, base: Plan, seq: int, profile: DeviceProfile, budget: int | N
     `budget` bytes per process (None: no limit). `method`: "exhaustive", "Metropolis", or
     None to choose by the space's size."""
     space = _Space(ir, base, set(pinned))
-    layer_weights = _layer_weights(ir)
     timer = Timer(ir, seq, profile, base.precision, base.world, sequences_per_item)
     memo: dict[tuple, Candidate] = {}
     models: dict[tuple, MemoryModel] = {}
@@ -209,7 +205,7 @@ def search(ir: IR, base: Plan, seq: int, profile: DeviceProfile, budget: int | N
         if key not in models:
             models[key] = MemoryModel(ir, seq, checkpoint=plan.checkpoint, kernels=key[1], precision=plan.precision)
         cost = models[key].cost(plan.micro_batch * sequences_per_item)
-        memory = per_process(cost, plan, layer_weights)
+        memory = per_process(cost, plan)
         t = timer.step(plan)
         memo[point] = Candidate(plan, cost, memory, t, budget is None or memory <= budget)
         return memo[point]

@@ -32,10 +32,14 @@ class LiveBytes(TorchDispatchMode):
     is active (plus storages registered with `track`), removes them when the storage is
     freed, and records the peak. Counts freeze when the mode exits."""
 
-    def __init__(self):
+    def __init__(self, resizes: bool = False):
+        """`resizes`: re-read every live storage's size before each op, for code that frees
+        memory by resizing a storage to zero outside aten (FSDP2's unsharded parameters);
+        slower, linear in the live storages."""
         super().__init__()
         self.bytes = 0
         self.peak = 0
+        self.resizes = resizes
         self._live: dict[int, tuple[int, weakref.finalize]] = {}  # _cdata -> (nbytes, finalizer)
 
     def track(self, t: torch.Tensor) -> None:
@@ -46,6 +50,9 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.bytes
 
     def _add(self, t: torch.Tensor) -> None:
+        # A DTensor (FSDP2) is a wrapper whose storage is not memory: its shard on this
+        # process is (the local ops that make it run below this mode, unseen).
+        t = getattr(t, "_local_tensor", t)
         if t.device.type == "meta" or t.layout is not torch.strided:
             return
         st = t.untyped_storage()
@@ -63,7 +70,16 @@ class LiveBytes(TorchDispatchMode):
         n, _ = self._live.pop(key)
         self.bytes -= n
 
+    def _resync(self) -> None:
+        for key, (n, fin) in list(self._live.items()):
+            got = fin.peek()
+            if got is not None and (m := got[0].nbytes()) != n:
+                self._live[key] = (m, fin)
+                self.bytes += m - n
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.resizes:
+            self._resync()
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
