@@ -7,7 +7,7 @@ A profile is a JSON file written by `effc profile` (effc.runtime.profile measure
      "matmul": {"float32": [[m, n, k, flop_per_s], ...], "bfloat16": [...]},
      "bandwidth": bytes_per_s,                  # a large copy: read + write
      "overhead": {"aten_op": s, "custom_op": s}, # one tiny op call, eager
-     "collectives": {}}   # all-reduce bandwidth per backend: not measured by this version
+     "collectives": {"gloo": {"processes": 2, "bytes": n, "bus_bandwidth": bytes_per_s}, "nccl": ...}}
 
 `load_profile()` reads the profile of this machine's device kind from `profile_path()`
 (`$EFFC_PROFILE`, else `~/.cache/effc/profile-<device>.json`) and falls back to the
@@ -52,6 +52,11 @@ class DeviceProfile:
         size = math.log(m * n * k)
         return min(table, key=lambda r: abs(math.log(r[0] * r[1] * r[2]) - size))[3]
 
+    def collective_rate(self, backend: str) -> float | None:
+        """Bus bandwidth (bytes/s) of an all-reduce over `backend`, if measured."""
+        c = self.collectives.get(backend)
+        return float(c["bus_bandwidth"]) if isinstance(c, dict) and "bus_bandwidth" in c else None
+
     def to_json(self) -> dict:
         return {"effc_profile": VERSION, "name": self.name, "device": self.device, "threads": self.threads,
                 "torch": self.torch, "measured": self.measured, "matmul": self.matmul,
@@ -83,7 +88,8 @@ DEFAULT_CPU = DeviceProfile(
                         [2048.0, 2048.0, 2048.0, 1.904e+11]],
             "bfloat16": [[128.0, 128.0, 128.0, 3.02e+09], [512.0, 512.0, 512.0, 1.345e+09],
                          [2048.0, 2048.0, 2048.0, 2.845e+08]]},
-    bandwidth=3.102e+10, overhead={"aten_op": 1.628e-06, "custom_op": 6.925e-05})
+    bandwidth=3.102e+10, overhead={"aten_op": 1.628e-06, "custom_op": 6.925e-05},
+    collectives={"gloo": {"processes": 2, "bytes": 4 << 20, "bus_bandwidth": 1.16e+09}})
 
 
 def device_kind() -> str:

@@ -29,7 +29,7 @@ Then, per step:
 - data parallelism (`world` > 1): each process computes its share of the batch;
   gradients are all-reduced (DDP: 2 (w-1)/w x gradient bytes) or reduce-scattered with
   the parameters all-gathered (FSDP2: zero2 gathers once a step, zero3 in forward and
-  again in backward) at the profile's collective bandwidth (`collectives`, else
+  again in backward) at the bus bandwidth `effc profile` measured for the backend (else
   COLLECTIVE_DEFAULT). Processes that share one CPU share its cores: each runs at
   1 / processes-per-node of the profiled rates.
 
@@ -215,7 +215,7 @@ class Timer:
         if plan.world > 1:
             w = plan.world
             grads = 4.0 * self.elements
-            rate = float(profile.collectives.get("all_reduce", COLLECTIVE_DEFAULT))
+            rate = profile.collective_rate("nccl" if profile.device == "cuda" else "gloo") or COLLECTIVE_DEFAULT
             if plan.shard == "none":
                 moved = 2 * grads
             else:  # reduce-scatter the gradients; all-gather the parameters once (zero2) or twice (zero3)

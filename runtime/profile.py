@@ -5,6 +5,9 @@ wants): matmuls over a grid of shapes per dtype (bf16 only where it is not emula
 CPU without bf16 instructions one 2048^3 matmul is timed once and the rate recorded, so a
 plan can see how slow it is), a large copy for memory bandwidth, and the per-call cost of
 a tiny aten op and of a tiny effc custom op (the Python dispatch a kernel swap adds).
+Collectives: two processes on this machine all-reduce a float32 tensor over gloo (and
+NCCL where two GPUs exist); the profile keeps the bus bandwidth, 2 (w-1)/w x bytes / time,
+the rate the time model's communication term divides by.
 """
 
 from __future__ import annotations
@@ -78,9 +81,62 @@ def measure(quick: bool = False, threads: int | None = None) -> DeviceProfile:
     name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     return DeviceProfile(name=f"{name}, {torch.get_num_threads()} threads", device=dev,
                          threads=torch.get_num_threads(), matmul=matmul, bandwidth=bandwidth,
-                         overhead={"aten_op": aten, "custom_op": custom},
+                         overhead={"aten_op": aten, "custom_op": custom}, collectives=collectives(quick),
                          measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
                          source="measured")
+
+
+def _all_reduce_worker(rank: int, world: int, port: int, backend: str, elements: int, repeats: int,
+                       out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    t = torch.ones(elements, device=dev)
+    sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
+    times = []
+    for i in range(repeats + 2):  # two warm-ups
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(t)
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(sorted(times)[len(times) // 2], f)
+    dist.destroy_process_group()
+
+
+def collectives(quick: bool = False) -> dict:
+    """Bus bandwidth of an all-reduce between two processes, per backend."""
+    import json
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    backends = ["gloo"] + (["nccl"] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
+    elements = (1 << 20) if quick else (1 << 23)  # 4 MiB or 32 MiB of float32
+    out: dict = {}
+    for backend in backends:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            result = str(Path(tmp) / "t.json")
+            mp.spawn(_all_reduce_worker, args=(2, port, backend, elements, 3 if quick else 7, result), nprocs=2)
+            seconds = json.loads(Path(result).read_text())
+        out[backend] = {"processes": 2, "bytes": 4 * elements, "bus_bandwidth": 4 * elements / seconds}
+    return out
 
 
 def _once(fn, sync) -> float:
@@ -99,4 +155,8 @@ def summary(p: DeviceProfile) -> str:
     lines.append(f"  memory bandwidth (copy): {p.bandwidth / 1e9:.1f} GB/s")
     for k, v in p.overhead.items():
         lines.append(f"  one {k.replace('_', ' ')} call: {v * 1e6:.1f} us")
+    for backend, c in p.collectives.items():
+        lines.append(f"  all-reduce over {backend}, {c['processes']} processes: {c['bus_bandwidth'] / 1e9:.2f} GB/s")
+    if not p.collectives:
+        lines.append("  collectives: not measured (the time model assumes 1 GB/s)")
     return "\n".join(lines)

@@ -21,6 +21,8 @@ def test_quick_profile_is_written_and_read_back(tmp_path):
     assert p.source == str(out) and p.threads == 1 and p.device in ("cpu", "cuda")
     assert all(rate > 0 for rows in p.matmul.values() for *_, rate in rows)
     assert p.bandwidth > 0 and p.overhead["aten_op"] > 0 and p.overhead["custom_op"] > 0
+    assert p.collective_rate("gloo") > 0 and p.collectives["gloo"]["processes"] == 2
+    assert "all-reduce over gloo" in r.stdout
     assert f"({out})" in r.stdout and "GFLOP/s" in r.stdout
     assert json.loads(out.read_text())["effc_profile"] == 1
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left over
