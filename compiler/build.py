@@ -5,7 +5,8 @@
     DIR/ir/NN_STAGE_MODEL.txt    the same IR as a text dump, one line per node and param
     DIR/fx/NN_STAGE_MODEL.py     the torch.fx code the runtime executes for the step, after
                               the plan's kernel swaps
-    DIR/plan.txt              the execution plan of every train step (build.json: as JSON)
+    DIR/plan.txt              the execution plan of every train step and the plan search's
+                              ranking (build.json: the plan and its prediction as JSON)
     DIR/kernels.txt           every kernel swap that fired, with the source lines of the
                               code it replaced (build.json: as JSON)
     DIR/cost.txt              the cost table of every train step
@@ -30,6 +31,7 @@ from pathlib import Path
 from effc.compiler.cost import format_cost
 from effc.compiler.ir import IR, dump
 from effc.compiler.pipeline import Compiled, TrainBuild
+from effc.compiler.search import format_search
 from effc.compiler.swaps import KERNELS
 
 
@@ -102,11 +104,14 @@ def write_build(compiled: Compiled, out: Path) -> None:
             reports.append(_report(b, ops))
             text, rows = _kernels(b, fired)
             kernels.append(text)
-            plans.append(f"# {_title(b)}\n{b.plan.describe()}\n")
+            plans.append(f"# {_title(b)}\n{b.plan.describe()}\n"
+                         + (format_search(b.search, "the plan search", top=5) if b.search else ""))
             entries.append({"name": name, "stage": b.stage, "model": b.step.model.name,
                             "line": b.step.span.line, "micro_batch": b.micro_batch,
                             "passes": dict(b.report.rewrites), "cost": dataclasses.asdict(b.cost),
-                            "plan": b.plan.to_json(), "swaps": rows})
+                            "plan": b.plan.to_json(), "swaps": rows,
+                            "predicted": {"peak_bytes": b.memory, "step_seconds": b.time.seconds if b.time else None,
+                                          "profile": b.time.profile if b.time else None}})
             tables.append(f"# {_title(b)}\n{format_cost(b.cost)}")
         (tmp / "build.json").write_text(json.dumps({"steps": entries}, indent=1), encoding="utf-8")
         (tmp / "cost.txt").write_text("\n\n".join(tables) + "\n", encoding="utf-8")

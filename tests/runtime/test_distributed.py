@@ -187,6 +187,21 @@ def test_a_two_node_rendezvous_on_localhost(tmp_path, lora_reference):
     assert_same_curve(curve(d / "run"), lora_reference)
 
 
+def test_budget_devices_launches_that_many_processes_and_plans_for_them(tmp_path, lora_reference):
+    """budget(devices=2): `effc run` without --nproc launches two, and `effc plan` plans
+    for two (the shard field is searched, a process's micro-batch is at most 3 of 5)."""
+    d = folder(tmp_path, LORA.replace("pipeline dp\n", "pipeline dp\nbudget(memory=1GiB, devices=2)\n"))
+    plan = effc("plan", "p.eff", "--format", "json", "--top", "50", cwd=d)
+    assert plan.returncode == 0, plan.stderr
+    ranked = json.loads(plan.stdout)["steps"][0]["ranked"]
+    assert {r["plan"]["world"] for r in ranked} == {2} and {r["plan"]["shard"] for r in ranked} >= {"none", "zero2"}
+    assert max(r["plan"]["micro_batch"] for r in ranked) == 3
+    r = effc("run", "p.eff", "-o", "run", "--threads", "1", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "2 processes" in r.stderr
+    assert_same_curve(curve(d / "run"), lora_reference)
+
+
 # ---------------------------------------------------------------- failures and resuming
 
 
