@@ -126,7 +126,7 @@ def per_process(cost: Cost, plan: Plan) -> int:
     backward = shards + W + cost.backward_bytes + G // w
     if plan.shard == "zero3":
         backward = max(backward, shards + 2 * W + cost.activation_bytes)
-    return max(forward, backward, shards + G // w + 2 * max(W // w, 1))
+    return max(forward, backward, shards + G // w)  # the optimizer step: shards only
 
 
 class _Space:
@@ -151,8 +151,8 @@ class _Space:
         if base.world > 1:
             self.dims.append(("shard", [base.shard] if "shard" in pinned else list(SHARD)))
         self.size = math.prod(len(v) for _, v in self.dims)
-        self.searched = tuple(f for f in ("accumulate", "checkpoint", "kernels", "shard")
-                              if any(name.startswith(f[:6]) and len(v) > 1 for name, v in self.dims))
+        free = {"kernels" if name.startswith("kernel:") else name for name, v in self.dims if len(v) > 1}
+        self.searched = tuple(f for f in ("accumulate", "checkpoint", "kernels", "shard") if f in free)
 
     def start(self) -> tuple[int, ...]:
         """The base plan's point (its accumulate rounded to the nearest listed one)."""
@@ -177,13 +177,7 @@ class _Space:
                        shard=values.get("shard", self.base.shard))
 
     def points(self):
-        def rec(i, acc):
-            if i == len(self.dims):
-                yield tuple(acc)
-                return
-            for j in range(len(self.dims[i][1])):
-                yield from rec(i + 1, acc + [j])
-        yield from rec(0, [])
+        return itertools.product(*(range(len(v)) for _, v in self.dims))
 
 
 def search(ir: IR, base: Plan, seq: int, profile: DeviceProfile, budget: int | None,

@@ -104,22 +104,22 @@ class _Model:
         self.cache: dict[tuple, tuple[float, float, str]] = {}
 
     def time(self, n: Node, tokens: int, kernels: tuple[str, ...]) -> tuple[float, float, str]:
+        """(forward seconds, backward seconds, kind) of node n over `tokens` tokens."""
         mine = tuple(k for k in kernels if k in _KERNELS_OF.get(n.op, ()))
         key = (n.id, tokens, mine)
         if key not in self.cache:
-            self.kernels = mine
-            self.fused = self.head if "linear_cross_entropy" in mine else None
-            self.cache[key] = self.node(n, tokens)
+            self.cache[key] = self._node(n, tokens, mine)
         return self.cache[key]
 
     def _calls(self, calls: float, tokens: int, width: int) -> float:
         return calls * (self.call + 8.0 * tokens * width / (self.p.bandwidth * self.share))
 
-    def node(self, n: Node, tokens: int) -> tuple[float, float, str]:
-        """(forward seconds, backward seconds, kind) of node n over `tokens` tokens."""
+    def _node(self, n: Node, tokens: int, kernels: tuple[str, ...]) -> tuple[float, float, str]:
+        """`time` for the kernel swaps of n's op that are on (`kernels`)."""
         ir, rg, p, s = self.ir, self.rg, self.p, self.share
         grad = rg[n.id]
-        if n.op is Op.LINEAR and not (self.fused and n.id == self.fused[0]):
+        fused = self.head if "linear_cross_entropy" in kernels else None
+        if n.op is Op.LINEAR and not (fused and n.id == fused[0]):
             a = n.attrs
             src = ir.inputs(n.id)[0]
             fwd = _roofline(p, tokens, a.out_features, a.in_features, self.dtype, s)
@@ -131,15 +131,16 @@ class _Model:
             if packed:  # dequantize: read the packed tensors, write fp32; again in backward
                 weights = a.in_features * a.out_features
                 moved = sum(q.numel for q in packed) + 4 * weights
-                deq = moved / (p.bandwidth * s) + 6 * (self.custom if "quant_linear" in self.kernels else self.call)
+                # unpack, shift, scale, reshape, cast: ~6 calls (each one custom op when swapped)
+                deq = moved / (p.bandwidth * s) + 6 * (self.custom if "quant_linear" in kernels else self.call)
                 fwd, bwd = fwd + deq, bwd + deq * rg[src]
             if self.dtype == "bfloat16":  # autocast casts the weight once a micro-batch
                 fwd += 6.0 * a.in_features * a.out_features / (p.bandwidth * s) + self.call
             return fwd, bwd, "matmul"
-        if self.fused and n.id in self.fused:
-            if n.id == self.fused[0]:
+        if fused and n.id in fused:
+            if n.id == fused[0]:
                 return 0.0, 0.0, "matmul"
-            head = ir.node(self.fused[0])
+            head = ir.node(fused[0])
             a = head.attrs  # the head's products (forward, and its gradients in forward), and softmax - onehot
             mm = _roofline(p, tokens, a.out_features, a.in_features, self.dtype, s)
             mm += _roofline(p, tokens, a.in_features, a.out_features, self.dtype, s)
@@ -150,7 +151,7 @@ class _Model:
             f, b = kind_of(n).flops(ir, n, rg)  # per token
             small = p.matmul_rate(tokens, 16, 16, self.dtype) * s
             moved = 3 * 8.0 * tokens * _width(n) / (p.bandwidth * s)
-            lora = n.op.name == "LORA" and "lora_linear" in self.kernels
+            lora = n.op.name == "LORA" and "lora_linear" in kernels
             calls = self.custom if lora else ADAPTER_CALLS * self.call
             return tokens * f / small + moved + calls, (tokens * b / small + moved + calls * BWD_CALLS) * grad, "adapters"
         if n.op is Op.ATTENTION_CORE:
@@ -159,7 +160,7 @@ class _Model:
             t = flops / (p.matmul_rate(self.seq, self.seq, a.head_dim, self.dtype) * s)
             t += self._calls(CALLS[n.op], tokens, a.heads * a.head_dim)
             return t, t * BWD_ATTENTION * grad, "attention"
-        swapped = SWAPPED.get(n.op) in self.kernels
+        swapped = SWAPPED.get(n.op) in kernels
         if swapped:
             passes = {Op.RMSNORM: 2, Op.SWIGLU: 3, Op.ROTARY: 2}[n.op]
             fwd = self.custom + passes * 8.0 * tokens * _width(n) / (p.bandwidth * s)
