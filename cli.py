@@ -88,8 +88,10 @@ def _memory(text: str | None) -> tuple[int | None, list]:
 
 
 def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: list[str] = (),
-                       memory: str | None = None, world: int | None = None):
-    """check + cost: returns (result, compiled) or exits with the diagnostics."""
+                       memory: str | None = None, world: int | None = None, plans: bool = True):
+    """check + cost: returns (result, compiled) or exits with the diagnostics. `plans`:
+    whether the builds need their searched plans; without (effc check, effc run, which
+    searches as it trains) the plan search runs only where a budget must be checked."""
     from effc.compiler.pipeline import compile_checked
 
     overrides, bad = _overrides(set_)
@@ -97,7 +99,8 @@ def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: lis
     budget, bad_memory = _memory(memory)
     bad += bad_plan + bad_memory
     result = check_file(str(file), overrides=overrides)
-    compiled = compile_checked(result, plan_pairs, budget, world) if result.ok and not bad else None
+    searching = plans or budget is not None or bool(result.ok and result.budget and result.budget.get("memory"))
+    compiled = compile_checked(result, plan_pairs, budget, world, searching) if result.ok and not bad else None
     if compiled is not None:  # a predicted peak over the budget is a mistake too
         result.diagnostics = sort_diagnostics(result.diagnostics + list(compiled.diagnostics))
     status = _report(result, file, fmt, bad)
@@ -114,7 +117,7 @@ def check(
     memory: Optional[str] = typer.Option(None, "--memory", help=MEMORY_HELP),
 ) -> None:
     """Find every mistake in a .eff file before anything runs (exit 1 on any error)."""
-    _check_and_compile(file, set_, format, memory=memory)
+    _check_and_compile(file, set_, format, memory=memory, plans=False)
     if format is OutputFormat.text:
         typer.echo(f"{file}: ok", err=True)
 
@@ -175,7 +178,7 @@ def run(
         if bad:
             raise typer.Exit(_report(CheckResult(None, bad, ""), file, OutputFormat.text, []))
     world = int(os.environ["WORLD_SIZE"]) if worker else nproc * nnodes
-    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan, memory, world)
+    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan, memory, world, plans=False)
     folder = out or Path("runs") / (result.program.name or file.stem)
     if launch.distributed and not worker:
         _launch(launch, file, _run_args(set_, folder, resume, force, threads, plan, memory), folder)
