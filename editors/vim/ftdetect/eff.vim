@@ -1,0 +1,2 @@
+" effc pipeline files
+au BufRead,BufNewFile *.eff set filetype=eff
