@@ -42,7 +42,11 @@ class OutputFormat(str, Enum):
 
 
 def _colour(stream) -> bool:
-    return stream.isatty() and "NO_COLOR" not in os.environ
+    """Colour on a terminal. NO_COLOR turns it off; FORCE_COLOR (set, not empty or 0) turns it
+    on where no terminal is (a CI log, a test)."""
+    if "NO_COLOR" in os.environ:
+        return False
+    return os.environ.get("FORCE_COLOR", "") not in ("", "0") or stream.isatty()
 
 
 def _overrides(pairs: list[str]) -> tuple[dict[str, str], list]:
@@ -378,6 +382,7 @@ def show(
 ) -> None:
     """Print what effc build wrote (the report and the cost table by default)."""
     from effc.compiler.build import read_section, write_graphs
+    from effc.lang.highlight import highlight
 
     if not (folder / "build.json").is_file():
         typer.echo(f"error: '{folder}' is not a build folder (no build.json)\n"
@@ -395,7 +400,10 @@ def show(
     chosen = [name for name, on in (("ir", ir), ("fx", fx), ("report", report), ("cost", cost), ("plan", plan),
                                     ("kernels", kernels)) if on]
     sections = chosen or ["report", "cost"]
-    typer.echo("\n".join(read_section(folder, s) for s in sections), nl=False)
+    colour = _colour(sys.stdout)
+    languages = {"ir": "eff", "fx": "python"}  # an IR dump reads like .eff calls and selectors
+    text = "\n".join(highlight(read_section(folder, s), colour, languages.get(s)) for s in sections)
+    typer.echo(text, nl=False, color=colour or None)  # (click strips colour it was not told to keep)
 
 
 @app.command()
@@ -407,6 +415,7 @@ def fmt(
 ) -> None:
     """Print the canonical formatting of a .eff file (keeps every comment; idempotent)."""
     from effc.lang.format import format_source
+    from effc.lang.highlight import highlight
 
     text, diags = read_source(str(file))
     formatted, syntax = format_source(text, str(file)) if text is not None else (None, ())
@@ -416,7 +425,8 @@ def fmt(
     if diff:
         lines = difflib.unified_diff(text.splitlines(keepends=True), formatted.splitlines(keepends=True),
                                      f"{file}", f"{file} (formatted)")
-        typer.echo("".join(lines), nl=False)
+        colour = _colour(sys.stdout)
+        typer.echo(highlight("".join(lines), colour, "diff"), nl=False, color=colour or None)
     if write and changed:
         tmp = file.with_name(f".{file.name}.effc-fmt.tmp")
         tmp.write_text(formatted, encoding="utf-8")
@@ -509,6 +519,18 @@ def _copy_pretrained(ctx: typer.Context, folder: Path, name: str) -> None:
         raise typer.Exit(2)
     typer.echo(f"{folder}: {name} ({cfg['architectures'][0]}), vocab {cfg['vocab_size']}, "
                f"{cfg['num_hidden_layers']} layers of width {cfg['hidden_size']}, pretrained weights", err=True)
+
+
+@app.command()
+def lsp() -> None:
+    """Run the language server over stdio, for editors (docs/editors.md)."""
+    try:
+        from effc.lang.lsp import serve  # pygls loads only here: `effc check` stays fast
+    except ImportError as exc:
+        typer.echo(f"error: the language server needs pygls ({exc})\n"
+                   "   = hint: pip install 'pygls>=1.3,<2'", err=True)
+        raise typer.Exit(2)
+    serve()
 
 
 @app.command()

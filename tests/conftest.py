@@ -16,6 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Plans are searched with the device profile: tests use the built-in default, whatever
 # `effc profile` stored on the machine running them (a path that holds no file).
 os.environ["EFFC_PROFILE"] = str(ROOT / "tests" / ".no-device-profile.json")
+# Command output is compared as plain text: a CI that forces colour must not colour it.
+os.environ.pop("FORCE_COLOR", None)
 
 
 @pytest.fixture(scope="module")
