@@ -1,6 +1,6 @@
 """The plan cost model's predictions against measurements, over a grid of execution plans.
 
-    python bench/plan_accuracy.py [--steps 5] [--only NAME,...] [--out bench/results/plan_accuracy.json]
+    python bench/plan_accuracy.py [--steps 5] [--rounds 3] [--only NAME,...] [--out bench/results/plan_accuracy.json]
 
 Each grid point is a `.eff` train step (a model, adapters or full training, a quantized
 base or not) with an execution plan (batch, sequence, accumulation, checkpointing,
@@ -9,7 +9,9 @@ precision, kernels). For each, the compiler predicts the step's peak memory
 from the device profile in use: `effc profile --show`); then the step runs:
 
 - time: the median of `--steps` optimizer steps (forward and backward of every
-  micro-batch, clipping, AdamW), after two warm-up steps, at 2 threads;
+  micro-batch, clipping, AdamW), after two warm-up steps, at 2 threads; the points are
+  measured in `--rounds` interleaved rounds and the median round counts (this machine's
+  speed drifts by ~10% from minute to minute);
 - memory: the tensor-level peak of one such step (effc.runtime.memory.LiveBytes: live
   bytes of distinct storages, every param, optimizer state and activation), not RSS;
   with FSDP2 the tracker re-reads storage sizes before every op, since FSDP2 frees
@@ -185,6 +187,7 @@ def measure_spawned(point: tuple, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median step time of each point")
     ap.add_argument("--only", default="")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "plan_accuracy.json")
     args = ap.parse_args()
@@ -194,27 +197,37 @@ def main() -> None:
     rows = []
     print(f"profile: {profile.source}")
     print(f"{'point':24} {'plan':52} {'mem est':>8} {'mem meas':>8} {'ratio':>6} {'t est':>7} {'t meas':>7} {'ratio':>6}")
+    points = []
     for point in GRID:
         name, model, body, batch, seq, overrides, world = (*point, 1)[:7]
-        if only and name not in only:
-            continue
-        b = build_of(model, body, batch, seq, overrides, world)
-        t = predict(b.ir, b.plan, seq, profile)
-        m = measure_spawned((name, model, body, batch, seq, overrides, world), args.steps) if world > 1 \
-            else measure(b, seq, args.steps)
+        if not only or name in only:
+            b = build_of(model, body, batch, seq, overrides, world)
+            points.append(((name, model, body, batch, seq, overrides, world), b, predict(b.ir, b.plan, seq, profile)))
+    measured: dict[str, list[dict]] = {}
+    for r in range(args.rounds):  # rounds interleave the points, so a slow spell of the machine hits them all
+        for point, b, _ in points:
+            name, seq, world = point[0], point[4], point[6]
+            m = measure_spawned(point, args.steps) if world > 1 else measure(b, seq, args.steps)
+            measured.setdefault(name, []).append(m)
+        print(f"round {r + 1} of {args.rounds} done", flush=True)
+    for point, b, t in points:
+        name = point[0]
+        seconds = statistics.median(m["seconds"] for m in measured[name])
+        peak = max(m["peak"] for m in measured[name])  # the same every round: the tensors are the same
         row = {"point": name, "plan": b.plan.describe(), "peak_est_mib": b.memory / MIB,
-               "peak_measured_mib": m["peak"] / MIB, "peak_ratio": b.memory / m["peak"],
-               "seconds_est": t.seconds, "seconds_measured": m["seconds"], "time_ratio": t.seconds / m["seconds"],
-               "parts": dict(t.parts)}
+               "peak_measured_mib": peak / MIB, "peak_ratio": b.memory / peak,
+               "seconds_est": t.seconds, "seconds_measured": seconds, "time_ratio": t.seconds / seconds,
+               "seconds_by_round": [m["seconds"] for m in measured[name]], "parts": dict(t.parts)}
         rows.append(row)
         print(f"{name:24} {row['plan'][:52]:52} {row['peak_est_mib']:8.1f} {row['peak_measured_mib']:8.1f} "
-              f"{row['peak_ratio']:6.3f} {t.seconds:7.3f} {m['seconds']:7.3f} {row['time_ratio']:6.3f}", flush=True)
+              f"{row['peak_ratio']:6.3f} {t.seconds:7.3f} {seconds:7.3f} {row['time_ratio']:6.3f}", flush=True)
     if rows:
         worst_m = max(abs(r["peak_ratio"] - 1) for r in rows)
         worst_t = max(abs(r["time_ratio"] - 1) for r in rows)
         print(f"worst: memory {worst_m:.1%} off, time {worst_t:.1%} off")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"profile": profile.source, "threads": 2, "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"profile": profile.source, "threads": 2, "rounds": args.rounds,
+                                        "steps": args.steps, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
