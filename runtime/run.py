@@ -482,6 +482,8 @@ class _Run:
         swaps = collections.Counter(f.kernel for f in gm.meta.get("swaps", []))
         self.rep.line(f"  plan: {plan.describe()}" + (f"; {sum(swaps.values())} kernel swaps ("
                       + ", ".join(f"{k} {n}" for k, n in swaps.items()) + ")" if swaps else ""))
+        self.rep.line(f"  predicted: {predicted.time.seconds * 1e3:.1f} ms a step, peak "
+                      f"{predicted.memory / 2**20:.1f} MiB a process (profile: {predicted.time.profile})")
         self.metric({"kind": "plan", "stage": stage, "model": model, "plan": plan.to_json(), "swaps": dict(swaps)})
         dp = None
         if plan.world > 1:  # DDP or FSDP2 around the planned forward, compiled last (compile(DDP(m)))

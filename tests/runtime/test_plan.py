@@ -219,7 +219,7 @@ def test_the_run_executes_the_plan_its_build_chose_and_reports_the_prediction(tm
     for p in predictions:
         assert p["predicted_step_s"] > 0 and p["measured_step_s"] > 0 and p["predicted_peak"] > 0
         assert p["profile"] == "built-in default"
-    assert "predicted" in r.stdout + r.stderr
+    assert "a process (profile: built-in default)" in r.stdout + r.stderr
 
 
 def test_bad_plan_on_the_command_line_is_a_diagnostic(tmp_path):
