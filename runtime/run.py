@@ -521,10 +521,9 @@ class _Run:
             self.rep.line(f"  step {m['step']}: validation {eval_result(m, ['perplexity'])}")
 
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
-        rss = _rss("VmRSS")
         try:
             res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH, forward,
-                        lambda: planned.precision(plan), dp)
+                        lambda: planned.precision(plan), dp, measure=not plan.compile)
         except CheckpointError as e:
             self.fail("E0503", e.message, step.span, e.hint)
         finally:
@@ -536,24 +535,22 @@ class _Run:
                                     "tokens": res["tokens"], "seconds": res["seconds"],
                                     "distill": f"{teacher.name}@{teacher.stage}" if teacher and teacher.stage
                                     else (teacher.name if teacher else None),
-                                    "plan": plan.describe(), **self.predicted_against_measured(predicted, durations, rss)})
+                                    "plan": plan.describe(), **self.predicted_against_measured(predicted, durations, res["tensor_peak"])})
         self.metric({"kind": "prediction", "stage": stage, "model": model, **self.summary.stages[-1]["prediction"]})
 
     @staticmethod
-    def predicted_against_measured(predicted, durations: list[float], rss: int | None) -> dict:
+    def predicted_against_measured(predicted, durations: list[float], tensor_peak: int | None) -> dict:
         """The plan's predicted step time and peak memory beside the run's: the median step
-        after the first (which pays one-off costs), and on CUDA the allocator's peak; on CPU
-        the resident set's growth over training (it includes allocator slack and torch's own
-        buffers, so it is only indicative: bench/plan_accuracy.py compares tensor-level peaks)."""
+        after the first (which pays one-off costs), and the tensor-level peak of the run's
+        second step (effc.runtime.memory.LiveBytes, the measure the cost model is checked
+        against; not RSS, which holds the allocator's slack and torch's own buffers)."""
         out = {"predicted_step_s": predicted.time.seconds, "predicted_peak": predicted.memory,
                "profile": predicted.time.profile}
         steady = durations[1:] or durations
         if steady:
             out["measured_step_s"] = statistics.median(steady)
-        if torch.cuda.is_available():
-            out["measured_peak"], out["peak_measure"] = torch.cuda.max_memory_allocated(), "CUDA allocator peak"
-        elif rss is not None and (hwm := _rss("VmHWM")) is not None:
-            out["measured_peak"], out["peak_measure"] = max(0, hwm - rss), "RSS growth"
+        if tensor_peak is not None:
+            out["measured_peak"], out["peak_measure"] = tensor_peak, "tensor-level, step 2"
         return {"prediction": out}
 
     def plan_of(self, ir, step: Step):
@@ -737,17 +734,6 @@ def adapter_args(info, ir) -> dict:
     """Adapter node id -> its technique's checked arguments (its initialisation reads
     them): a node's id ends in the number of the adapt statement that made it."""
     return {n.id: info.adapters[adapter_index(n.id)].args for n in ir.nodes() if n.op in ADAPTERS}
-
-
-def _rss(field: str) -> int | None:
-    """A /proc/self/status memory field in bytes (VmRSS, VmHWM); None where there is none."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _at(span: Span) -> str:

@@ -53,6 +53,7 @@ from effc.runtime.checkpoint import load_latest, save_checkpoint
 from effc.runtime.contrastive import pair_loss_sum
 from effc.runtime.distributed import full, is_main, shard_like
 from effc.runtime.evaluate import evaluate, evaluate_pairs
+from effc.runtime.memory import LiveBytes
 from effc.runtime.model import trainable
 
 
@@ -211,14 +212,17 @@ def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp
 
 def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec, ckpt_root: Path,
           resume: bool, hooks: Hooks, eval_batch: int = 8, forward=None, amp=contextlib.nullcontext,
-          dp=None) -> dict:
+          dp=None, measure: bool = False) -> dict:
     """Train `gm` in place; returns the summary of the run (last loss, tokens, time).
     `data` is a `Dataset` for a language model (the graph returns its summed
     cross-entropy) or `Pairs` for a sentence encoder (the graph returns embeddings, and
     the loss is the contrastive one of `_pair_step`). `forward` is what a train step
     calls instead of `gm` (an execution plan's: effc.runtime.planned.forward_of; it
     shares gm's params), and each forward runs in the context `amp()` (autocast). `dp`:
-    the process group's DataParallel (`forward` is then its module), None for one process."""
+    the process group's DataParallel (`forward` is then its module), None for one process.
+    `measure`: count the live tensor bytes of this run's second step
+    (effc.runtime.memory.LiveBytes; the step runs slower under it) and return their peak
+    as "tensor_peak"."""
     named = trainable(gm, ir)
     # A pruned weight that trains keeps its zeros (its storage is "sparse"): the mask is
     # read off the weight before any step, its gradient is masked (so clipping sees only
@@ -243,28 +247,38 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
     pairs = isinstance(data, D.Pairs)
     loss = float("nan")
     tokens, t0 = 0, time.perf_counter()
+    tensor_peak = None  # `measure`: the tensor-level peak of one step
     for s in range(start, spec.steps):
-        # each rank draws its own dropout masks (rank 0 those of a 1-process run's first micro-batch)
-        torch.manual_seed(step_seed(spec.seed, s) + (dp.rank if dp is not None else 0))
-        lr = lr_at(s, spec)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        total, count, n_tokens = (_pair_step if pairs else _lm_step)(forward or gm, data, spec, s, sizes, amp,
-                                                                    dp, first)
-        if dp is not None:  # the global sums, and whether any rank was asked to stop
-            total, n_tokens, asked = dp.sum([total, n_tokens, float(hooks.should_stop())])
-            n_tokens = int(n_tokens)
-        loss = total / max(count, 1)
-        for w, m in masks:
-            if w.grad is not None:
-                w.grad.mul_(m)
-        if spec.clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], spec.clip, foreach=False)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
+        meter = contextlib.nullcontext()
+        if measure and s == start + 1:  # the second step: the optimizer's state exists by then
+            meter = LiveBytes(resizes=dp is not None and dp.shard != "none")
+            for t in [*gm.parameters(), *gm.buffers(),
+                      *(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))]:
+                meter.track(t)
+        with meter:
+            # each rank draws its own dropout masks (rank 0 those of a 1-process run's first micro-batch)
+            torch.manual_seed(step_seed(spec.seed, s) + (dp.rank if dp is not None else 0))
+            lr = lr_at(s, spec)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            total, count, n_tokens = (_pair_step if pairs else _lm_step)(forward or gm, data, spec, s, sizes, amp,
+                                                                        dp, first)
+            if dp is not None:  # the global sums, and whether any rank was asked to stop
+                total, n_tokens, asked = dp.sum([total, n_tokens, float(hooks.should_stop())])
+                n_tokens = int(n_tokens)
+            loss = total / max(count, 1)
             for w, m in masks:
-                w.mul_(m)
+                if w.grad is not None:
+                    w.grad.mul_(m)
+            if spec.clip is not None:
+                torch.nn.utils.clip_grad_norm_([p for _, p in named], spec.clip, foreach=False)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for w, m in masks:
+                    w.mul_(m)
+        if isinstance(meter, LiveBytes):
+            tensor_peak = meter.peak
         tokens += n_tokens
         elapsed = time.perf_counter() - t0
         hooks.on_step({"step": s + 1, "loss": loss, "lr": lr, "tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -283,4 +297,5 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
                                                        "world": dp.world if dp is not None else 1})
             if stop:
                 raise Interrupted(done, path)
-    return {"steps": spec.steps, "loss": loss, "tokens": tokens, "seconds": time.perf_counter() - t0}
+    return {"steps": spec.steps, "loss": loss, "tokens": tokens, "seconds": time.perf_counter() - t0,
+            "tensor_peak": tensor_peak}
