@@ -82,9 +82,14 @@ class Plan:
         return d
 
     def describe(self) -> str:
-        """One line: `micro-batch 8 x 2, checkpoint none, fp32, kernels all, compile off`."""
+        """One line: `micro-batch 8 x 2, checkpoint none, fp32, kernels all, compile off`;
+        a checkpoint on the first k layers reads `checkpoint full on layers 0-2 of 24`."""
         modes = set(self.checkpoint) or {"none"}
         checkpoint = modes.pop() if len(modes) == 1 else ",".join(self.checkpoint)
+        k = next((i for i, c in enumerate(self.checkpoint) if c == "none"), len(self.checkpoint))
+        if 0 < k < len(self.checkpoint) and len(set(self.checkpoint[:k])) == 1 \
+                and set(self.checkpoint[k:]) == {"none"}:  # the plan search's layouts: the first k layers
+            checkpoint = f"{self.checkpoint[0]} on layers 0-{k - 1} of {len(self.checkpoint)}"
         off = [k for k in KERNELS if k not in self.kernels]
         kernels = ("all" if not off else "all but " + ",".join(off) if len(off) <= 2
                    else ",".join(self.kernels) or "none")

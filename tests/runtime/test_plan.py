@@ -66,6 +66,8 @@ def test_overrides_set_each_field():
     assert q.checkpoint == ("full",) * LAYERS and q.precision == "bf16" and q.compile
     assert q.kernels == ("rms_norm", "rotary")  # in KERNELS order
     assert apply(p, "checkpoint", "attn,none,mlp").checkpoint == ("attn", "none", "mlp")
+    assert "checkpoint attn,none,mlp," in apply(p, "checkpoint", "attn,none,mlp").describe()
+    assert "checkpoint mlp on layers 0-1 of 3," in apply(p, "checkpoint", "mlp,mlp,none").describe()
     assert apply(p, "kernels", "none").kernels == ()
     assert "micro-batch 4 x 4, checkpoint full, bf16, kernels rms_norm,rotary, compile on" == q.describe()
 
