@@ -91,18 +91,28 @@ def _memory(text: str | None) -> tuple[int | None, list]:
     return n, []
 
 
+def _check(file: Path, set_: list[str], plan: list[str] = (), memory: str | None = None) -> tuple:
+    """The check of `file` under the command line's --set, --plan and --memory, printing
+    nothing: (result, the --plan pairs, the --memory bytes, the command line's mistakes)."""
+    overrides, bad = _overrides(set_)
+    plan_pairs, bad_plan = _plan_overrides(list(plan))
+    budget, bad_memory = _memory(memory)
+    return check_file(str(file), overrides=overrides), plan_pairs, budget, bad + bad_plan + bad_memory
+
+
 def _check_and_compile(file: Path, set_: list[str], fmt: OutputFormat, plan: list[str] = (),
                        memory: str | None = None, world: int | None = None, plans: bool = True):
     """check + cost: returns (result, compiled) or exits with the diagnostics. `plans`:
     whether the builds need their searched plans; without (effc check, effc run, which
     searches as it trains) the plan search runs only where a budget must be checked."""
+    return _compile(file, _check(file, set_, plan, memory), fmt, world, plans)
+
+
+def _compile(file: Path, checked: tuple, fmt: OutputFormat, world: int | None, plans: bool):
+    """The cost half of _check_and_compile, for a check `_check` made."""
     from effc.compiler.pipeline import compile_checked
 
-    overrides, bad = _overrides(set_)
-    plan_pairs, bad_plan = _plan_overrides(list(plan))
-    budget, bad_memory = _memory(memory)
-    bad += bad_plan + bad_memory
-    result = check_file(str(file), overrides=overrides)
+    result, plan_pairs, budget, bad = checked
     searching = plans or budget is not None or bool(result.ok and result.budget and result.budget.get("memory"))
     compiled = compile_checked(result, plan_pairs, budget, world, searching) if result.ok and not bad else None
     if compiled is not None:  # a predicted peak over the budget is a mistake too
@@ -173,8 +183,9 @@ def run(
     from effc.runtime.train import Interrupted
 
     worker = distributed.worker()
+    checked = _check(file, set_, plan, memory)  # reported below, once the launch is known to be sound
     if nproc is None:  # the file's budget(devices=N) launches N processes on this node
-        devices = _budget_devices(file, set_)
+        devices = _budget_devices(checked[0])
         nproc = devices if devices and not worker else 1
     launch = distributed.Launch(nproc, nnodes, node_rank, rdzv_endpoint)
     if not worker:
@@ -182,7 +193,7 @@ def run(
         if bad:
             raise typer.Exit(_report(CheckResult(None, bad, ""), file, OutputFormat.text, []))
     world = int(os.environ["WORLD_SIZE"]) if worker else nproc * nnodes
-    result, _ = _check_and_compile(file, set_, OutputFormat.text, plan, memory, world, plans=False)
+    result, _ = _compile(file, checked, OutputFormat.text, world, plans=False)
     folder = out or Path("runs") / (result.program.name or file.stem)
     if launch.distributed and not worker:
         _launch(launch, file, _run_args(set_, folder, resume, force, threads, plan, memory), folder)
@@ -216,9 +227,8 @@ def run(
         reporter.summary(summary, folder)
 
 
-def _budget_devices(file: Path, set_: list[str]) -> int | None:
+def _budget_devices(result: CheckResult) -> int | None:
     """budget(devices=N) of a file that checks (None otherwise: the check reports why)."""
-    result = check_file(str(file), overrides=_overrides(set_)[0])
     return (result.budget or {}).get("devices") if result.ok else None
 
 

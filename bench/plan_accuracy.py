@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
 MODEL = "decoder(vocab=2048, dim=256, layers=4, heads=4, ffn=704, seq=256)"
+TIED = "decoder(vocab=2048, dim=256, layers=4, heads=4, kv_heads=2, ffn=704, seq=256, tied=true)"
 SMALL = "decoder(vocab=512, dim=64, layers=2, heads=4, ffn=176, seq=64)"
 LORA = "    adapt m.layers[*].attn.{q,k,v,o} with lora(rank=8, alpha=16)\n"
 DORA = "    adapt m.layers[*].mlp.{up,down} with dora(rank=8)\n"
@@ -75,6 +76,8 @@ GRID = [
     ("lora 2 proc DDP", MODEL, LORA, 8, 128, [], 2),
     ("full 2 proc zero2", MODEL, "", 8, 128, ["shard=zero2"], 2),
     ("full 2 proc zero3", MODEL, "", 8, 128, ["shard=zero3"], 2),
+    ("lora 2 proc zero3", MODEL, LORA, 8, 128, ["shard=zero3"], 2),
+    ("tied 2 proc zero3 ckpt", TIED, "", 8, 128, ["shard=zero3", "checkpoint=full"], 2),
 ]
 
 
@@ -108,7 +111,7 @@ def measure(b, seq: int, steps: int, rank: int = 0, world: int = 1) -> dict:
     packed = {p.path: torch.randint(0, 16, p.shape).to(dtypes[p.dtype]) if p.dtype != "float32"
               else torch.full(p.shape, 0.01) for p in ir.params() if p.quantized}  # timing and bytes only
     gm, _ = materialize(ir, seq, packed, 0, kernels=plan.kernels)
-    forward = planned.forward_of(gm, plan)
+    forward = planned.forward_of(gm, plan, own=world > 1 and plan.shard != "none")
     dp = None
     if world > 1:
         from effc.runtime.distributed import DataParallel

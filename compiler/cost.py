@@ -356,7 +356,7 @@ def _backward_lines(ir: IR, rg: dict[str, bool], saved: list, plain: list, piece
     for i in range(end - 1, -1, -1):
         grads += grad_of.get(i, 0)
         live += starts.get(i, 0)
-        lines.append((grads, live + scale(i, 4 * _node_transient(ir, nodes[i], rg, fused))))
+        lines.append((grads, live + scale(i, 4 * _node_transient(ir, nodes[i], rg, fused)), live))
         live -= ends.get(i, 0)
     return lines
 
@@ -425,7 +425,8 @@ class MemoryModel:
         self.transient = seq * (_transient_per_token(ir, rg, fused) + recompute)
         self.forward = seq * _forward_peak_per_token(ir, rg, saved, fused, COSTED if kernels is None else kernels)
         self.backward = (_backward_lines(ir, rg, saved, plain, pieces, fused, scale, grad_of, per_step)
-                         if any(rg.values()) else [(0, 0)])
+                         if any(rg.values()) else [(0, 0, 0)])
+        self.groups = _Groups(ir, held, by_path, grad_of, checkpoint or ("none",) * _layers(ir))
         # AdamW's step (one tensor at a time) holds a temporary or two of the largest param
         self.step = self.grads + 2 * max((p.numel * 4 for p in trainable), default=0)
         self.flops = _flops(ir, rg, seq)
@@ -435,14 +436,111 @@ class MemoryModel:
                                   if n.op is Op.LINEAR and not any(p.quantized for p in n.params))
         self.storage = _storage(ir)
 
+    def sharded(self, batch: int, world: int, mode: str) -> int:
+        """Peak bytes of one of `world` processes under FSDP2 ("zero2" / "zero3"), as
+        effc.runtime.distributed shards: one group a piece of the graph (a layer, or a
+        sublayer when checkpointing splits it; the embedding before the layers and the
+        head after them), owning the params only it reads, and the root group for params
+        several pieces read (a tied embedding and head). Every process holds 1/world of
+        the weights and optimizer state. A group's weights are gathered at its forward
+        (and, for zero3, again at its backward, with the next group's prefetched), kept
+        until its backward ends (zero2) or its forward ends (zero3); its gradients are
+        whole while its backward runs, then reduce-scattered (through a copy of them) to
+        1/world. The root's are gathered throughout and reduced at the end."""
+        g = self.groups
+        base = (self.weights + self.opt) // world
+        # forward, at its peak (the head and loss, last): every group gathered (zero2), or
+        # the largest (zero3), beside forward's activations
+        gathered = g.root_w + (sum(g.w) if mode == "zero2" else max(g.w, default=0))
+        forward = base + gathered + batch * self.forward + self.copies
+        peak = forward
+        n = len(self.backward)
+        grads = self.per_step  # whole gradients of the root and of the group in backward
+        shards = 0  # the finished groups' reduced gradients
+        open_w = sum(g.w)  # zero2: groups whose backward has not finished hold their weights
+        for j, (_, per_seq, held) in enumerate(self.backward):
+            i = n - 1 - j  # the op whose backward this line is
+            k = g.of[i]
+            if mode == "zero2":
+                weights = g.root_w + open_w
+            else:  # the group in backward and the next one, prefetched
+                weights = g.root_w + g.w[k] + g.prefetch(k)
+                if g.last[k] == i:  # k's backward starts: the prefetch's all-gather buffer, before any op runs
+                    peak = max(peak, base + weights + g.prefetch(k) + grads + shards + batch * held + self.copies)
+            grads += g.grad_at[i]
+            peak = max(peak, base + weights + grads + shards + batch * per_seq + self.copies)
+            if g.first[k] == i:  # group k's backward ends: reduce-scatter its gradients
+                peak = max(peak, base + weights + grads + shards + g.g[k] + batch * per_seq + self.copies)
+                grads -= g.g[k]
+                shards += g.g[k] // world
+                open_w -= g.w[k]
+        step = base + (self.grads + 2 * max(g.w + [g.root_w])) // world  # AdamW on the shards
+        return max(peak, step)
+
     def cost(self, batch: int) -> Cost:
-        backward = max(c + batch * b for c, b in self.backward) + self.copies
+        backward = max(c + batch * b for c, b, _ in self.backward) + self.copies
         forward = batch * self.forward + self.copies
         # Gradients are freed (set to None) before forward, so forward's peak does not hold them.
         peak = self.weights + self.opt + max(backward, forward, self.step)
         return Cost(batch, self.seq, self.params_total, self.params_trainable, self.roles, self.weights,
                     self.grads, self.opt, batch * self.acts + self.per_step, batch * self.transient, peak,
                     self.flops[0], self.flops[1], self.storage, forward, backward)
+
+
+def _layers(ir: IR) -> int:
+    return len({n.id.split("]", 1)[0] for n in ir.nodes() if n.id.startswith("layers[")})
+
+
+class _Groups:
+    """FSDP2's groups as the runtime makes them (effc.runtime.planned.forward_of with
+    `own`): each op's piece -- `piece`'s key, or the embedding before the layers and the
+    head after them -- and the bytes of weights and gradients each piece owns (params no
+    other piece reads); a param read by several pieces belongs to the root."""
+
+    def __init__(self, ir: IR, held: list[ParamRecord], trainable: dict[str, ParamRecord], grad_of: dict[int, int],
+                 checkpoint: tuple[str, ...]):
+        keys: dict[tuple, int] = {}
+        self.of: list[int] = []
+        seen_layer = False
+        for n in ir.nodes():
+            key, _ = piece(n.id, checkpoint)
+            if key is None:
+                key = ("after",) if seen_layer else ("before",)
+            seen_layer = seen_layer or key[0] not in ("before", "after")
+            self.of.append(keys.setdefault(key, len(keys)))
+        readers: dict[str, set[int]] = {}
+        for i, n in enumerate(ir.nodes()):
+            for p in n.params:
+                readers.setdefault(p.tied_to or p.path, set()).add(self.of[i])
+        self.w, self.g = [0] * len(keys), [0] * len(keys)
+        self.root_w = self.root_g = 0
+        owner: dict[str, int | None] = {}
+        for p in held:
+            r = readers.get(p.path, set())
+            owner[p.path] = next(iter(r)) if len(r) == 1 else None
+            b = p.numel * DTYPE_BYTES[p.dtype]
+            if owner[p.path] is None:
+                self.root_w += b
+            else:
+                self.w[owner[p.path]] += b
+            if p.path in trainable:
+                if owner[p.path] is None:
+                    self.root_g += b
+                else:
+                    self.g[owner[p.path]] += b
+        self.first, self.last = {}, {}  # group -> its first op, its last
+        for i, k in enumerate(self.of):
+            self.first.setdefault(k, i)
+            self.last[k] = i
+        # the gradient bytes each op's backward allocates: grad_of, split into the groups'
+        # (released at the group's end) and the root's (kept to the end)
+        self.grad_at = [0] * len(self.of)
+        for i, b in grad_of.items():
+            self.grad_at[i] = b
+
+    def prefetch(self, k: int) -> int:
+        """Weights of the group whose backward comes after k's (gathered while k's runs)."""
+        return self.w[k - 1] if k > 0 else 0
 
 
 def estimate(ir: IR, batch: int, seq: int, optimizer: str = "adamw",

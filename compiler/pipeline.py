@@ -13,6 +13,10 @@ No stage changes its input; nothing here allocates a weight or imports torch.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from effc.compiler.cost import Cost
@@ -89,23 +93,38 @@ def _build(result: CheckResult, stage: str, step: Step, overrides: list, budget:
                       chosen.time, found)
 
 
+# The last searches plan_train made, by everything their result depends on: `effc run`
+# searches at check time and again as it trains, with the same inputs.
+_PLANS: OrderedDict[tuple, tuple] = OrderedDict()
+PLANS_KEPT = 16
+
+
 def plan_train(result: CheckResult, step: Step, ir: IR, overrides: list, budget: int | None, world: int,
                profile: DeviceProfile, searching: bool = True):
     """The plan search of one train step (`ir`: its model's IR): (the chosen candidate,
     the search). The chosen plan is the fastest that fits `budget`, or, when none does,
     the one that needs the least memory. The runtime calls this too, so a run executes
-    the plan its build chose."""
+    the plan its build chose (the same search, done once: the last few are kept)."""
     seq = result.data[step.data.name].args["seq"]
     # A sentence encoder's micro-batch is `micro` pairs: both sides' activations are held
     # until the contrastive loss, which needs every embedding, runs backward.
     encoder = getattr(result.models[step.model.name].arch, "output", None) == "embedding"
+    batch, accumulate = step.options["batch"], step.options["accumulate"]
+    key = (hashlib.sha256(ir.to_json().encode()).hexdigest(), batch, accumulate, tuple(sorted(step.given)), seq,
+           encoder, tuple(tuple(o) for o in overrides), budget, world,
+           json.dumps(dataclasses.asdict(profile), sort_keys=True), searching)
+    if key in _PLANS:
+        _PLANS.move_to_end(key)
+        return _PLANS[key]
     # `batch` sequences per optimizer step arrive as `accumulate` micro-batches (the plan's).
-    base = overridden(default_plan(step.options["batch"], step.options["accumulate"], layer_count(ir), world),
-                      overrides)
+    base = overridden(default_plan(batch, accumulate, layer_count(ir), world), overrides)
     pinned = set(FIELDS) if not searching else (
         {k for k, _ in overrides} | ({"accumulate"} if "accumulate" in step.given else set()))
     found = search(ir, base, seq, profile, budget, pinned, 2 if encoder else 1)
-    return found.best or found.smallest, found
+    _PLANS[key] = found.best or found.smallest, found
+    if len(_PLANS) > PLANS_KEPT:
+        _PLANS.popitem(last=False)
+    return _PLANS[key]
 
 
 def layer_count(ir: IR) -> int:

@@ -104,29 +104,16 @@ def relevant_kernels(ir: IR) -> tuple[str, ...]:
     return tuple(k for k in KERNELS if site[k])
 
 
-def per_process(cost: Cost, plan: Plan) -> int:
-    """Peak bytes of one process under the plan's data parallelism.
-
-    DDP holds every tensor plus its gradient buckets (a second copy of the gradients).
-    FSDP2 keeps 1/world of the weights, gradients and optimizer state, and gathers the
-    parameters for the step. effc's runtime shards the whole graph as one FSDP2 group
-    (its fx graph reads every parameter from the root module: runtime/distributed.py), so
-    the whole model is gathered at once, through an all-gather buffer of the same size:
-    forward holds the shards, 2 x the weights and forward's activations; backward the
-    shards, the gathered weights, backward's activations and full gradients, and the
-    gradients' shards. zero3 frees the gathered weights after forward and gathers them
-    again (2 x the weights) when backward starts, beside every saved activation."""
+def per_process(model: MemoryModel, cost: Cost, plan: Plan) -> int:
+    """Peak bytes of one process under the plan's data parallelism (`cost`: the model's
+    at the plan's micro-batch). DDP holds every tensor plus its gradient buckets (a second
+    copy of the gradients); FSDP2 (zero2, zero3) shards a group a layer
+    (effc.compiler.cost.MemoryModel.sharded)."""
     if plan.world == 1:
         return cost.peak_bytes
-    w, W, G, O = plan.world, cost.weight_bytes, cost.grad_bytes, cost.optimizer_bytes
     if plan.shard == "none":
-        return cost.peak_bytes + G
-    shards = (W + O) // w
-    forward = shards + 2 * W + cost.forward_bytes
-    backward = shards + W + cost.backward_bytes + G // w
-    if plan.shard == "zero3":
-        backward = max(backward, shards + 2 * W + cost.activation_bytes)
-    return max(forward, backward, shards + G // w)  # the optimizer step: shards only
+        return cost.peak_bytes + cost.grad_bytes
+    return model.sharded(cost.batch, plan.world, plan.shard)
 
 
 class _Space:
@@ -199,7 +186,7 @@ def search(ir: IR, base: Plan, seq: int, profile: DeviceProfile, budget: int | N
         if key not in models:
             models[key] = MemoryModel(ir, seq, checkpoint=plan.checkpoint, kernels=key[1], precision=plan.precision)
         cost = models[key].cost(plan.micro_batch * sequences_per_item)
-        memory = per_process(cost, plan)
+        memory = per_process(models[key], cost, plan)
         t = timer.step(plan)
         memo[point] = Candidate(plan, cost, memory, t, budget is None or memory <= budget)
         return memo[point]

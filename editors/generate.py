@@ -136,6 +136,19 @@ def _selector_captures(first: int) -> dict:
     }
 
 
+def _enclosed(begin: str, end: str, meta: str, section: str, patterns: list) -> dict:
+    """A region from `begin` to `end` (meta.<meta>.eff), its delimiters
+    punctuation.section.<section>.begin/end.eff, holding `patterns`."""
+    return {
+        "begin": begin,
+        "end": end,
+        "name": f"meta.{meta}.eff",
+        "beginCaptures": {"0": {"name": f"punctuation.section.{section}.begin.eff"}},
+        "endCaptures": {"0": {"name": f"punctuation.section.{section}.end.eff"}},
+        "patterns": patterns,
+    }
+
+
 def textmate(w: Words) -> dict:
     kw = {"declaration": "keyword.other.declaration.eff", "statement": "keyword.control.statement.eff",
           "connective": "keyword.other.connective.eff"}
@@ -234,29 +247,15 @@ def textmate(w: Words) -> dict:
                                      "2": {"name": "support.type.kind.eff"},
                                      "3": {"name": "variable.other.kind.eff"}},
                     },
-                    {
-                        "begin": r"\[",
-                        "end": r"\]",
-                        "name": "meta.index.eff",
-                        "beginCaptures": {"0": {"name": "punctuation.section.brackets.begin.eff"}},
-                        "endCaptures": {"0": {"name": "punctuation.section.brackets.end.eff"}},
-                        "patterns": [
-                            {"match": r"-?[0-9]+", "name": "constant.numeric.integer.eff"},
-                            {"match": r"\*", "name": "keyword.operator.wildcard.eff"},
-                            {"match": ":", "name": "punctuation.separator.slice.eff"},
-                        ],
-                    },
-                    {
-                        "begin": r"\{",
-                        "end": r"\}",
-                        "name": "meta.set.eff",
-                        "beginCaptures": {"0": {"name": "punctuation.section.braces.begin.eff"}},
-                        "endCaptures": {"0": {"name": "punctuation.section.braces.end.eff"}},
-                        "patterns": [
-                            {"match": NAME, "name": "variable.other.member.eff"},
-                            {"match": ",", "name": "punctuation.separator.comma.eff"},
-                        ],
-                    },
+                    _enclosed(r"\[", r"\]", "index", "brackets", [
+                        {"match": r"-?[0-9]+", "name": "constant.numeric.integer.eff"},
+                        {"match": r"\*", "name": "keyword.operator.wildcard.eff"},
+                        {"match": ":", "name": "punctuation.separator.slice.eff"},
+                    ]),
+                    _enclosed(r"\{", r"\}", "set", "braces", [
+                        {"match": NAME, "name": "variable.other.member.eff"},
+                        {"match": ",", "name": "punctuation.separator.comma.eff"},
+                    ]),
                     {"match": r"\.", "name": "punctuation.accessor.eff"},
                     {"match": NAME, "name": "variable.other.member.eff"},
                 ],

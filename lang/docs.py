@@ -20,7 +20,9 @@ BEGIN = "<!-- BEGIN GENERATED: python -m effc.lang.docs docs/language.md -->"
 END = "<!-- END GENERATED -->"
 
 
-def _default(p) -> str:
+def default_text(p) -> str:
+    """How the reference writes a param's default: required, unset, or the value in backticks
+    (the language server's hovers and completions say it the same way)."""
     if p.required:
         return "required"
     if p.default_doc is not None:
@@ -39,7 +41,7 @@ def _entry_table(e: Entry) -> list[str]:
     for p in e.params:
         t = p.type.describe().replace("|", "\\|")
         note = "" if p.available else " *(not available in this version)*"
-        rows.append(f"| `{p.name}` | {t} | {_default(p)} | {p.doc}{note} |")
+        rows.append(f"| `{p.name}` | {t} | {default_text(p)} | {p.doc}{note} |")
     return rows + [""]
 
 

@@ -34,7 +34,7 @@ from effc import __version__
 from effc.lang import ast, registry as R
 from effc.lang.check import CheckResult, ModelInfo, check_source
 from effc.lang.diagnostics import Diagnostic, Severity
-from effc.lang.docs import _default as default_text  # the generated reference's wording of defaults
+from effc.lang.docs import default_text  # the generated reference's wording of defaults
 from effc.lang.format import format_source
 from effc.lang.tree import KINDS, Module, Selected, walk
 from effc.lang.types import BoolT, CallT, DataT, Entry, EnumT, ListT, ModelT, Param, Registry
@@ -759,18 +759,20 @@ def _guarded(default: Any) -> Callable:
     return wrap
 
 
+def _checks_its_version(name: str) -> Callable:
+    """The handler `name` (did_open, did_change) of a document whose text is new: check it
+    and publish its diagnostics at the document's version."""
+    def handler(ls: EffServer, params: lsp.DidOpenTextDocumentParams | lsp.DidChangeTextDocumentParams) -> None:
+        ls.check(params.text_document.uri, params.text_document.version)
+    handler.__name__ = name
+    return _guarded(None)(handler)
+
+
 def make_server() -> EffServer:
     server = EffServer()
 
-    @server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)
-    @_guarded(None)
-    def did_open(ls: EffServer, params: lsp.DidOpenTextDocumentParams) -> None:
-        ls.check(params.text_document.uri, params.text_document.version)
-
-    @server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)
-    @_guarded(None)
-    def did_change(ls: EffServer, params: lsp.DidChangeTextDocumentParams) -> None:
-        ls.check(params.text_document.uri, params.text_document.version)
+    server.feature(lsp.TEXT_DOCUMENT_DID_OPEN)(_checks_its_version("did_open"))
+    server.feature(lsp.TEXT_DOCUMENT_DID_CHANGE)(_checks_its_version("did_change"))
 
     @server.feature(lsp.TEXT_DOCUMENT_DID_SAVE)
     @_guarded(None)

@@ -15,17 +15,17 @@ group, the wrapping of a train step's module, and the full state behind it.
   where CUDA exists), with a timeout (60 s, `EFFC_DIST_TIMEOUT`) so a collective whose
   peer died fails instead of waiting forever.
 - Wrapping (`DataParallel`): plan.shard "none" is DDP around the module a train step
-  calls; "zero2" / "zero3" are FSDP2 (`fully_shard`, reshard_after_forward off / on).
-  The whole model is one FSDP2 group: effc's fx graph reads every param in its root's
-  forward (`getattr(self.layers, "0").attn.q.weight`) and never calls `layers.i` as a
-  module -- even the activation-checkpointing split passes params into its pieces as
-  arguments -- so hooks of a `fully_shard(layers.i)` would never fire and its params
-  would stay sharded where the graph reads them. Gradients and AdamW state are sharded
-  (zero2), and params too between forward and backward (zero3), but they are gathered
-  for the whole model at once, not a layer at a time. gm holds the sharded params
-  (DTensors) while training, so the optimizer, checkpoints and `trainable(gm, ir)` see
-  the objects FSDP2 updates; `unwrap` gathers them back into plain full tensors for the
-  stages that follow.
+  calls; "zero2" / "zero3" are FSDP2 (`fully_shard`, reshard_after_forward off / on),
+  one group a piece of the graph. effc's fx graph reads every param from its root
+  (`getattr(self.layers, "0").attn.q.weight`) and never calls `layers.i` as a module, so
+  the graph is split at every layer (effc.runtime.planned.forward_of with `own`) and each
+  param only one piece reads is moved into that piece: `fully_shard(piece)` then
+  gathers a layer's weights just before its forward and backward, and reduce-scatters
+  its gradients as soon as its backward ends. Params several pieces read (a tied
+  embedding and head) stay with the root's group. gm holds the sharded params (DTensors)
+  while training, so the optimizer, checkpoints and `trainable(gm, ir)` see the objects
+  FSDP2 updates; `unwrap` gathers them back into plain full tensors for the stages that
+  follow.
 - Checkpoints hold full tensors (`full`; `shard_like` cuts a process's part back out),
   so they do not depend on the number of processes.
 """
@@ -262,15 +262,24 @@ class DataParallel:
             return
         device = next(gm.parameters()).device
         mesh = init_device_mesh(device.type, (self.world,))
-        if forward is gm:  # a second module over gm's graph and params: gm itself stays free of FSDP2's hooks
+        # forward is the graph split at every layer, each piece owning the params only it
+        # reads (effc.runtime.planned.forward_of(own=True)): one FSDP2 group a piece, and
+        # the root's for the params several pieces share (a tied embedding and head)
+        gm_names: dict[int, list[str]] = {}
+        for name, p in gm.named_parameters(remove_duplicate=False):
+            gm_names.setdefault(id(p), []).append(name)
+        names = {name: gm_names[id(p)] for name, p in forward.named_parameters(remove_duplicate=False)}
+        if forward is gm:
             forward = fx.GraphModule(gm, gm.graph)
+        for piece in sorted({name.split(".", 1)[0] for name in forward.meta.get("owners", {})}):
+            fully_shard(forward.get_submodule(piece), mesh=mesh, reshard_after_forward=shard == "zero3")
         fully_shard(forward, mesh=mesh, reshard_after_forward=shard == "zero3")
-        # forward holds gm's params under gm's names (the activation-checkpointing split
-        # too): gm holds the sharded ones from now on, so the optimizer, checkpoints and
+        # gm holds the sharded params from now on, so the optimizer, checkpoints and
         # `trainable` see the objects FSDP2 updates, and the full originals are freed
         for name, p in forward.named_parameters(remove_duplicate=False):
-            owner, _, leaf = name.rpartition(".")
-            setattr(gm.get_submodule(owner) if owner else gm, leaf, p)
+            for target in names[name]:
+                owner, _, leaf = target.rpartition(".")
+                setattr(gm.get_submodule(owner) if owner else gm, leaf, p)
         self.module = self.evaluator = forward
 
     def no_sync(self, last: bool):

@@ -70,11 +70,13 @@ def _pieces(gm: fx.GraphModule, plan: Plan) -> tuple[dict[fx.Node, int], set[int
     return number, recompute
 
 
-def forward_of(gm: fx.GraphModule, plan: Plan | None):
+def forward_of(gm: fx.GraphModule, plan: Plan | None, own: bool = False):
     """The module a train step calls: gm itself, split for activation checkpointing, and
-    compiled, as the plan says."""
+    compiled, as the plan says. `own` (FSDP2's sharding, effc.runtime.distributed): split
+    at every layer even without checkpointing, and move each param that only one piece
+    reads into that piece (`owners`), so a `fully_shard` of the piece finds its params."""
     run: torch.nn.Module = gm
-    if plan is not None and any(c != "none" for c in plan.checkpoint):
+    if plan is not None and (own or any(c != "none" for c in plan.checkpoint)):
         piece, recompute = _pieces(gm, plan)
         # Nodes without IR meta (packing helpers) join the piece of their first user, or
         # of the previous node when unused.
@@ -94,9 +96,73 @@ def forward_of(gm: fx.GraphModule, plan: Plan | None):
                                                     node.kwargs)
                 node.replace_all_uses_with(new)
                 split.graph.erase_node(node)
+        if own:
+            _own_params(split)
         split.graph.lint()
         split.recompile()
         run = split
     if plan is not None and plan.compile:
         run = torch.compile(run)
     return run
+
+
+def _piece_call(node: fx.Node) -> tuple[str, int] | None:
+    """(submodule name, index of its first argument in node.args) when `node` runs a piece
+    of the split: directly, or under `_recompute`."""
+    if node.op == "call_module":
+        return node.target, 0
+    if node.op == "call_function" and node.target is _recompute and node.args[0].op == "get_attr":
+        return node.args[0].target, 1
+    return None
+
+
+def _own_params(split: fx.GraphModule) -> None:
+    """Move each parameter that exactly one piece reads from the split's root (where
+    split_module leaves it, passed in as an argument) into that piece, as a get_attr of
+    the piece's own. The same Parameter objects: gm still holds them. A param read by
+    several pieces (a tied embedding and head, a layer reused by recurrence) stays with
+    the root. `split.meta["owners"]` maps each moved param's name in the split
+    ("submod_3.layers_0_attn_q_weight") to its name in the root ("layers.0.attn.q.weight")."""
+    owners = {}
+    readers: dict[str, set[fx.Node]] = {}  # a param's target -> the nodes reading it (one get_attr each, or more)
+    for node in split.graph.nodes:
+        if node.op == "get_attr":
+            readers.setdefault(node.target, set()).update(node.users)
+    for node in list(split.graph.nodes):
+        call = _piece_call(node)
+        if call is None:
+            continue
+        name, first = call
+        sub: fx.GraphModule = split.get_submodule(name)
+        holders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        body = next(n for n in sub.graph.nodes if n.op != "placeholder")
+        keep_args, drop = [], []
+        for holder, arg in zip(holders, node.args[first:]):
+            if (isinstance(arg, fx.Node) and arg.op == "get_attr" and readers[arg.target] == {node}
+                    and _is_param(split, arg.target)):
+                drop.append((holder, arg))
+            else:
+                keep_args.append(arg)
+        if not drop:
+            continue
+        for holder, arg in drop:
+            leaf = arg.target.replace(".", "_")
+            sub.register_parameter(leaf, split.get_parameter(arg.target))
+            with sub.graph.inserting_before(body):  # after every placeholder
+                got = sub.graph.get_attr(leaf)
+            holder.replace_all_uses_with(got)
+            sub.graph.erase_node(holder)
+            owners[f"{name}.{leaf}"] = arg.target
+        sub.graph.lint()
+        sub.recompile()
+        node.args = (*node.args[:first], *keep_args)
+        for _, arg in drop:  # the root no longer holds it: fully_shard(root) must not manage it too
+            split.graph.erase_node(arg)
+            owner, _, leaf = arg.target.rpartition(".")
+            delattr(split.get_submodule(owner) if owner else split, leaf)
+    split.meta["owners"] = owners
+
+
+def _is_param(m: torch.nn.Module, target: str) -> bool:
+    owner, _, leaf = target.rpartition(".")
+    return isinstance(getattr(m.get_submodule(owner) if owner else m, leaf, None), torch.nn.Parameter)

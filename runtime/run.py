@@ -487,7 +487,8 @@ class _Run:
         self.metric({"kind": "plan", "stage": stage, "model": model, "plan": plan.to_json(), "swaps": dict(swaps)})
         dp = None
         if plan.world > 1:  # DDP or FSDP2 around the planned forward, compiled last (compile(DDP(m)))
-            dp = distributed.DataParallel(gm, planned.forward_of(gm, dataclasses.replace(plan, compile=False)),
+            own = plan.shard != "none"  # FSDP2: a group a layer, each owning its params
+            dp = distributed.DataParallel(gm, planned.forward_of(gm, dataclasses.replace(plan, compile=False), own),
                                           plan.shard)
             forward = torch.compile(dp.module) if plan.compile else dp.module
         else:

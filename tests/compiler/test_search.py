@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from effc.compiler.cost import estimate
+from effc.compiler.cost import MemoryModel, estimate
 from effc.compiler.ir import Op
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import PassContext, run_passes
@@ -125,16 +125,29 @@ def test_pinned_fields_stay_as_given():
 
 def test_data_parallel_memory_per_process():
     ir = ir_of(WIDE, "")
-    c = estimate(ir, 4, 32)
+    model = MemoryModel(ir, 32)
+    c = model.cost(4)
     W, G, O = c.weight_bytes, c.grad_bytes, c.optimizer_bytes
     assert c.peak_bytes == W + O + max(c.forward_bytes, c.backward_bytes, G + 2 * max(
         p.numel * 4 for p in ir.params() if p.trainable and p.tied_to is None))
     plan = default_plan(8, 1, 3, world=2)
-    assert per_process(c, plan) == c.peak_bytes + G  # DDP's gradient buckets
+    ddp = per_process(model, c, plan)
+    assert ddp == c.peak_bytes + G  # DDP's gradient buckets
+    # FSDP2's groups, as the runtime shards: the embedding, each layer (two norms, q k v o,
+    # gate up down), the final norm and the head; nothing is shared, so the root owns nothing
+    d, f, v = 64, 176, 256
+    layer = 4 * (2 * d + 4 * d * d + 3 * d * f)
+    assert model.groups.root_w == 0 and model.groups.w == [4 * v * d, layer, layer, layer, 4 * (d + v * d)]
+    assert sum(model.groups.g) == G
+    zero2 = per_process(model, c, replace(plan, shard="zero2"))
+    zero3 = per_process(model, c, replace(plan, shard="zero3"))
     shards = (W + O) // 2
-    zero2 = max(shards + 2 * W + c.forward_bytes, shards + W + c.backward_bytes + G // 2, shards + G // 2)
-    assert per_process(c, replace(plan, shard="zero2")) == zero2
-    assert per_process(c, replace(plan, shard="zero3")) == max(zero2, shards + 2 * W + c.activation_bytes)
+    assert zero2 >= shards + W + c.forward_bytes  # every group gathered at the end of forward
+    assert zero3 >= shards + max(model.groups.w) + c.forward_bytes
+    assert zero3 < zero2 < ddp
+    # tied: the embedding's weight, read by the first piece and the last, belongs to the root
+    tied = MemoryModel(ir_of(WIDE.replace("seq=32", "seq=32, tied=true")), 32)
+    assert tied.groups.root_w == 4 * v * d and tied.groups.w == [0, layer, layer, layer, 4 * d]
     found = search(ir, plan, 32, DEFAULT_CPU, None)
     assert {c.plan.shard for c in found.ranked} == {"none", "zero2", "zero3"}
     assert all(c.plan.micro_batch <= 4 for c in found.ranked)  # a process's share of 8 is 4
