@@ -52,10 +52,15 @@ class DeviceProfile:
         size = math.log(m * n * k)
         return min(table, key=lambda r: abs(math.log(r[0] * r[1] * r[2]) - size))[3]
 
-    def collective_rate(self, backend: str) -> float | None:
-        """Bus bandwidth (bytes/s) of an all-reduce over `backend`, if measured."""
+    def collective_rate(self, backend: str, op: str = "all_reduce") -> float | None:
+        """Bus bandwidth (bytes/s) of a collective over `backend`, if measured: "all_reduce"
+        (stored as "bus_bandwidth"), "all_gather" or "reduce_scatter". A profile written
+        before the last two were measured answers with the all-reduce's."""
         c = self.collectives.get(backend)
-        return float(c["bus_bandwidth"]) if isinstance(c, dict) and "bus_bandwidth" in c else None
+        if not isinstance(c, dict):
+            return None
+        rate = c.get("bus_bandwidth" if op == "all_reduce" else op, c.get("bus_bandwidth"))
+        return float(rate) if rate else None
 
     def to_json(self) -> dict:
         return {"effc_profile": VERSION, "name": self.name, "device": self.device, "threads": self.threads,
@@ -89,7 +94,8 @@ DEFAULT_CPU = DeviceProfile(
             "bfloat16": [[128.0, 128.0, 128.0, 3.02e+09], [512.0, 512.0, 512.0, 1.345e+09],
                          [2048.0, 2048.0, 2048.0, 2.845e+08]]},
     bandwidth=3.102e+10, overhead={"aten_op": 1.628e-06, "custom_op": 6.925e-05},
-    collectives={"gloo": {"processes": 2, "bytes": 4 << 20, "bus_bandwidth": 1.16e+09}})
+    collectives={"gloo": {"processes": 2, "bytes": 32 << 20, "bus_bandwidth": 1.7e+09, "all_gather": 4.3e+08,
+                          "reduce_scatter": 3.9e+08}})
 
 
 def device_kind() -> str:

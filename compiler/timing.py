@@ -27,10 +27,11 @@ Then, per step:
 - the optimizer (AdamW, one tensor at a time) makes ADAM_CALLS calls per trainable tensor
   and moves ADAM_PASSES x 4 bytes per trainable element; clipping 3 calls and 2 passes;
 - data parallelism (`world` > 1): each process computes its share of the batch;
-  gradients are all-reduced (DDP: 2 (w-1)/w x gradient bytes) or reduce-scattered with
-  the parameters all-gathered (FSDP2: zero2 gathers once a step, zero3 in forward and
-  again in backward) at the bus bandwidth `effc profile` measured for the backend (else
-  COLLECTIVE_DEFAULT). Processes that share one CPU share its cores: each runs at
+  gradients are all-reduced (DDP: 2 (w-1)/w x gradient bytes at the all-reduce's bus
+  bandwidth) or reduce-scattered ((w-1)/w x gradient bytes at the reduce-scatter's) with
+  the parameters all-gathered ((w-1)/w x weight bytes at the all-gather's; FSDP2: zero2
+  gathers once a step, zero3 in forward and again in backward), each at the rate
+  `effc profile` measured for the backend (else COLLECTIVE_DEFAULT). Processes that share one CPU share its cores: each runs at
   1 / processes-per-node of the profiled rates.
 
 The constants below were fitted once on the development machine against measured steps
@@ -216,12 +217,17 @@ class Timer:
         if plan.world > 1:
             w = plan.world
             grads = 4.0 * self.elements
-            rate = profile.collective_rate("nccl" if profile.device == "cuda" else "gloo") or COLLECTIVE_DEFAULT
+            backend = "nccl" if profile.device == "cuda" else "gloo"
+
+            def rate(op: str) -> float:
+                return profile.collective_rate(backend, op) or COLLECTIVE_DEFAULT
+
             if plan.shard == "none":
-                moved = 2 * grads
+                seconds = 2 * grads / rate("all_reduce")
             else:  # reduce-scatter the gradients; all-gather the parameters once (zero2) or twice (zero3)
-                moved = grads + self.weight_bytes * (2 if plan.shard == "zero3" else 1)
-            parts["communication"] = moved * (w - 1) / w / rate
+                gathers = 2 if plan.shard == "zero3" else 1
+                seconds = grads / rate("reduce_scatter") + gathers * self.weight_bytes / rate("all_gather")
+            parts["communication"] = seconds * (w - 1) / w
         total = sum(parts.values())
         return StepTime(total, tuple(sorted(parts.items(), key=lambda kv: -kv[1])),
                         plan.batch * self.items * m.seq, profile.source)

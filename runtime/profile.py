@@ -5,9 +5,13 @@ wants): matmuls over a grid of shapes per dtype (bf16 only where it is not emula
 CPU without bf16 instructions one 2048^3 matmul is timed once and the rate recorded, so a
 plan can see how slow it is), a large copy for memory bandwidth, and the per-call cost of
 a tiny aten op and of a tiny effc custom op (the Python dispatch a kernel swap adds).
-Collectives: two processes on this machine all-reduce a float32 tensor over gloo (and
-NCCL where two GPUs exist); the profile keeps the bus bandwidth, 2 (w-1)/w x bytes / time,
-the rate the time model's communication term divides by.
+Collectives: two processes on this machine run the three collectives data parallelism
+uses on a float32 tensor over gloo (and NCCL where two GPUs exist): an all-reduce (DDP),
+an all-gather and a reduce-scatter (FSDP2). The profile keeps each one's bus bandwidth,
+the rate the time model's communication term divides by: 2 (w-1)/w x bytes / time for
+the all-reduce, (w-1)/w x bytes / time for the others (bytes: the whole tensor, the
+all-gather's output and the reduce-scatter's input). Over gloo on a CPU the latter two
+run several times slower a byte than the all-reduce.
 """
 
 from __future__ import annotations
@@ -86,8 +90,8 @@ def measure(quick: bool = False, threads: int | None = None) -> DeviceProfile:
                          source="measured")
 
 
-def _all_reduce_worker(rank: int, world: int, port: int, backend: str, elements: int, repeats: int,
-                       out: str) -> None:
+def _collectives_worker(rank: int, world: int, port: int, backend: str, elements: int, repeats: int,
+                        out: str) -> None:
     import json
     import os
 
@@ -99,24 +103,33 @@ def _all_reduce_worker(rank: int, world: int, port: int, backend: str, elements:
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world)
-    t = torch.ones(elements, device=dev)
+    whole = torch.ones(elements, device=dev)
+    part = torch.ones(elements // world, device=dev)
     sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
-    times = []
-    for i in range(repeats + 2):  # two warm-ups
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_reduce(t)
-        sync()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
+    # torch 2.13 renamed the two (the old names warn); older releases have only the old
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    ops = {"all_reduce": lambda: dist.all_reduce(whole),
+           "all_gather": lambda: all_gather(whole, part),
+           "reduce_scatter": lambda: reduce_scatter(part, whole)}
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    for i in range(repeats + 2):  # two warm-ups; the ops interleaved
+        for name, op in ops.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            op()
+            sync()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t0)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(sorted(times)[len(times) // 2], f)
+            json.dump({k: sorted(v)[len(v) // 2] for k, v in times.items()}, f)
     dist.destroy_process_group()
 
 
 def collectives(quick: bool = False) -> dict:
-    """Bus bandwidth of an all-reduce between two processes, per backend."""
+    """Bus bandwidths of an all-reduce, an all-gather and a reduce-scatter between two
+    processes, per backend."""
     import json
     import socket
     import tempfile
@@ -133,9 +146,12 @@ def collectives(quick: bool = False) -> dict:
             port = sock.getsockname()[1]
         with tempfile.TemporaryDirectory() as tmp:
             result = str(Path(tmp) / "t.json")
-            mp.spawn(_all_reduce_worker, args=(2, port, backend, elements, 3 if quick else 7, result), nprocs=2)
+            mp.spawn(_collectives_worker, args=(2, port, backend, elements, 3 if quick else 7, result), nprocs=2)
             seconds = json.loads(Path(result).read_text())
-        out[backend] = {"processes": 2, "bytes": 4 * elements, "bus_bandwidth": 4 * elements / seconds}
+        size = 4 * elements
+        out[backend] = {"processes": 2, "bytes": size, "bus_bandwidth": size / seconds["all_reduce"],  # 2 (w-1)/w = 1
+                        "all_gather": size / 2 / seconds["all_gather"],
+                        "reduce_scatter": size / 2 / seconds["reduce_scatter"]}
     return out
 
 
@@ -156,7 +172,10 @@ def summary(p: DeviceProfile) -> str:
     for k, v in p.overhead.items():
         lines.append(f"  one {k.replace('_', ' ')} call: {v * 1e6:.1f} us")
     for backend, c in p.collectives.items():
-        lines.append(f"  all-reduce over {backend}, {c['processes']} processes: {c['bus_bandwidth'] / 1e9:.2f} GB/s")
+        rates = [("all-reduce", c.get("bus_bandwidth")), ("all-gather", c.get("all_gather")),
+                 ("reduce-scatter", c.get("reduce_scatter"))]
+        lines.append(f"  over {backend}, {c['processes']} processes: "
+                     + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in rates if v))
     if not p.collectives:
         lines.append("  collectives: not measured (the time model assumes 1 GB/s)")
     return "\n".join(lines)

@@ -21,11 +21,19 @@ def test_quick_profile_is_written_and_read_back(tmp_path):
     assert p.source == str(out) and p.threads == 1 and p.device in ("cpu", "cuda")
     assert all(rate > 0 for rows in p.matmul.values() for *_, rate in rows)
     assert p.bandwidth > 0 and p.overhead["aten_op"] > 0 and p.overhead["custom_op"] > 0
-    assert p.collective_rate("gloo") > 0 and p.collectives["gloo"]["processes"] == 2
-    assert "all-reduce over gloo" in r.stdout
+    assert p.collectives["gloo"]["processes"] == 2
+    assert all(p.collective_rate("gloo", op) > 0 for op in ("all_reduce", "all_gather", "reduce_scatter"))
+    assert "over gloo, 2 processes: all-reduce" in r.stdout and "reduce-scatter" in r.stdout
     assert f"({out})" in r.stdout and "GFLOP/s" in r.stdout
     assert json.loads(out.read_text())["effc_profile"] == 1
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically, nothing left over
+
+
+def test_an_older_profile_without_fsdp_collectives_answers_with_the_all_reduce():
+    old = DeviceProfile.from_json({**DEFAULT_CPU.to_json(), "collectives": {"gloo": {
+        "processes": 2, "bytes": 1 << 22, "bus_bandwidth": 2e9}}}, "old.json")
+    assert old.collective_rate("gloo", "all_gather") == old.collective_rate("gloo") == 2e9
+    assert old.collective_rate("nccl") is None
 
 
 def test_without_a_profile_the_built_in_default_is_used_and_named(tmp_path, monkeypatch):
