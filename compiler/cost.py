@@ -445,8 +445,9 @@ class MemoryModel:
         the weights and optimizer state. A group's weights are gathered at its forward
         (and, for zero3, again at its backward, with the next group's prefetched), kept
         until its backward ends (zero2) or its forward ends (zero3); its gradients are
-        whole while its backward runs, then reduce-scattered (through a copy of them) to
-        1/world. The root's are gathered throughout and reduced at the end."""
+        whole while its backward runs, then reduce-scattered to 1/world through a copy
+        of them, which FSDP2 keeps until the next group's reduce-scatter. The root's are
+        gathered throughout and reduced at the end."""
         g = self.groups
         base = (self.weights + self.opt) // world
         # forward, at its peak (the head and loss, last): every group gathered (zero2), or
@@ -458,6 +459,7 @@ class MemoryModel:
         grads = self.per_step  # whole gradients of the root and of the group in backward
         shards = 0  # the finished groups' reduced gradients
         open_w = sum(g.w)  # zero2: groups whose backward has not finished hold their weights
+        pending = 0  # the last reduce-scatter's input, kept until the next one
         for j, (_, per_seq, held) in enumerate(self.backward):
             i = n - 1 - j  # the op whose backward this line is
             k = g.of[i]
@@ -468,9 +470,10 @@ class MemoryModel:
                 if g.last[k] == i:  # k's backward starts: the prefetch's all-gather buffer, before any op runs
                     peak = max(peak, base + weights + g.prefetch(k) + grads + shards + batch * held + self.copies)
             grads += g.grad_at[i]
-            peak = max(peak, base + weights + grads + shards + batch * per_seq + self.copies)
+            peak = max(peak, base + weights + grads + shards + pending + batch * per_seq + self.copies)
             if g.first[k] == i:  # group k's backward ends: reduce-scatter its gradients
                 peak = max(peak, base + weights + grads + shards + g.g[k] + batch * per_seq + self.copies)
+                pending = g.g[k]
                 grads -= g.g[k]
                 shards += g.g[k] // world
                 open_w -= g.w[k]

@@ -269,7 +269,7 @@ class DataParallel:
         for name, p in gm.named_parameters(remove_duplicate=False):
             gm_names.setdefault(id(p), []).append(name)
         names = {name: gm_names[id(p)] for name, p in forward.named_parameters(remove_duplicate=False)}
-        if forward is gm:
+        if forward is gm:  # not split (a caller without `own`): one group; gm itself stays free of FSDP2's hooks
             forward = fx.GraphModule(gm, gm.graph)
         for piece in sorted({name.split(".", 1)[0] for name in forward.meta.get("owners", {})}):
             fully_shard(forward.get_submodule(piece), mesh=mesh, reshard_after_forward=shard == "zero3")

@@ -145,6 +145,10 @@ def test_data_parallel_memory_per_process():
     assert zero2 >= shards + W + c.forward_bytes  # every group gathered at the end of forward
     assert zero3 >= shards + max(model.groups.w) + c.forward_bytes
     assert zero3 < zero2 < ddp
+    # a budget between zero3's peak and zero2's: the search must shard the weights too
+    between = search(ir, plan, 32, DEFAULT_CPU, (zero3 + zero2) // 2,
+                     pinned={"accumulate", "checkpoint", "kernels"})
+    assert between.best is not None and between.best.plan.shard == "zero3", format_search(between)
     # tied: the embedding's weight, read by the first piece and the last, belongs to the root
     tied = MemoryModel(ir_of(WIDE.replace("seq=32", "seq=32, tied=true")), 32)
     assert tied.groups.root_w == 4 * v * d and tied.groups.w == [0, layer, layer, layer, 4 * d]
