@@ -207,6 +207,30 @@ def test_fsdp2_shards_a_layer_at_a_time_as_the_cost_model_predicts(tmp_path):
     assert peaks["zero3"] < 0.9 * peaks["zero2"], peaks
 
 
+# layers looped as shared blocks: params several pieces read stay with FSDP2's root group
+RECURSIVE = """pipeline recur
+
+model m = decoder(vocab=32, dim=16, layers=4, heads=2, ffn=32, seq=8)
+data d = markov(seq=8, vocab=32, seed=3)
+
+stage recurse:
+    share m.layers[0:4] as recursive(blocks=2, init=average)
+    train m on d (steps=4, batch=4, optimizer=adamw(lr=1e-2))
+"""
+
+
+def test_zero3_with_layers_shared_across_pieces_gives_the_one_process_curve(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, two = folder(tmp_path / "one", RECURSIVE), folder(tmp_path / "two", RECURSIVE)
+    r1 = effc("run", "p.eff", "-o", "run", "--threads", "1", cwd=one)
+    assert r1.returncode == 0, r1.stderr
+    r2 = effc("run", "p.eff", "-o", "run", "--threads", "1", "--nproc", "2", "--plan", "shard=zero3", cwd=two)
+    assert r2.returncode == 0, r2.stderr
+    assert "FSDP2 zero3" in r2.stderr
+    assert_same_curve(curve(two / "run"), curve(one / "run"))
+
+
 def test_a_two_node_rendezvous_on_localhost(tmp_path, lora_reference):
     d = folder(tmp_path, LORA)
     endpoint = f"127.0.0.1:{free_port()}"
