@@ -175,6 +175,8 @@ def run(
     node_rank: Optional[int] = typer.Option(None, "--node-rank", help="this node's number, 0 to nnodes-1 (node 0 "
                                                                       "hosts the rendezvous)"),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT where the nodes meet"),
+    device: str = typer.Option("auto", "--device", help="where train steps run: cpu, cuda (a process's GPU), or "
+                               "auto (cuda when this torch build sees a GPU)"),
 ) -> None:
     """Run the pipeline: train, evaluate and export, stage by stage, reusing unchanged stages."""
     from effc.runtime import distributed
@@ -188,20 +190,24 @@ def run(
         devices = _budget_devices(checked[0])
         nproc = devices if devices and not worker else 1
     launch = distributed.Launch(nproc, nnodes, node_rank, rdzv_endpoint)
+    device, device_problems = _device(device, nproc)
     if not worker:
-        bad = [error("E0114", m, Span("<command line>", 1, 1, 1, 2), h) for m, h in distributed.launch_problems(launch)]
+        bad = [error("E0114", m, Span("<command line>", 1, 1, 1, 2), h)
+               for m, h in distributed.launch_problems(launch) + device_problems]
         if bad:
             raise typer.Exit(_report(CheckResult(None, bad, ""), file, OutputFormat.text, []))
     world = int(os.environ["WORLD_SIZE"]) if worker else nproc * nnodes
     result, _ = _compile(file, checked, OutputFormat.text, world, plans=False)
     folder = out or Path("runs") / (result.program.name or file.stem)
     if launch.distributed and not worker:
-        _launch(launch, file, _run_args(set_, folder, resume, force, threads, plan, memory), folder)
+        _launch(launch, file, _run_args(set_, folder, resume, force, threads, plan, memory) + [f"--device={device}"],
+                folder)
     main = distributed.is_main()  # with several processes, rank 0 alone reports
     reporter = ConsoleReporter() if main else Reporter()
     try:
         summary = run_pipeline(result, file, RunOptions(folder, resume, force, threads,
-                                                        tuple(_plan_overrides(plan)[0]), _memory(memory)[0]), reporter,
+                                                        tuple(_plan_overrides(plan)[0]), _memory(memory)[0], device),
+                               reporter,
                                _overrides(set_)[0])
     except RunFailed as exc:
         if not main:  # every rank finds the same problem: rank 0 says it
@@ -225,6 +231,27 @@ def run(
         raise typer.Exit(distributed.LOST)
     if main:
         reporter.summary(summary, folder)
+
+
+def _device(asked: str, nproc: int) -> tuple[str, list[tuple[str, str]]]:
+    """--device resolved to "cpu" or "cuda", and what is wrong with it as (message, hint).
+    With "cuda" each of the node's `nproc` processes takes a GPU of its own; auto falls
+    back to the CPU where there are fewer GPUs than processes."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    gpus = torch.cuda.device_count() if cuda else 0
+    if asked == "auto":
+        return ("cuda" if cuda and gpus >= nproc else "cpu"), []
+    if asked not in ("cpu", "cuda"):
+        return "cpu", [(f"--device {asked}: unknown device", "one of: auto, cpu, cuda")]
+    if asked == "cuda" and not cuda:
+        return "cpu", [("--device cuda: this torch sees no CUDA GPU (torch.cuda.is_available() is false)",
+                        "use --device cpu, or install a CUDA build of torch (see the README)")]
+    if asked == "cuda" and nproc > gpus:
+        return "cpu", [(f"--device cuda with --nproc {nproc}: this node has {gpus} GPU{'s' * (gpus != 1)}, one a process",
+                        f"use --nproc {gpus} or fewer, or --device cpu")]
+    return asked, []
 
 
 def _budget_devices(result: CheckResult) -> int | None:

@@ -28,7 +28,7 @@ CHUNK = 1024  # anchors per similarity block in `retrieval`: N x 1024 floats, ne
 def contrastive_sum(a_BD: torch.Tensor, p_BD: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
     """The summed in-batch-negatives loss of B pairs (see the module docstring)."""
     s_BB = scale * (F.normalize(a_BD, dim=-1) @ F.normalize(p_BD, dim=-1).T)
-    return F.cross_entropy(s_BB, torch.arange(a_BD.shape[0]), reduction="sum")
+    return F.cross_entropy(s_BB, torch.arange(a_BD.shape[0], device=s_BB.device), reduction="sum")
 
 
 def pair_loss_sum(gm: fx.GraphModule, a_BS: torch.Tensor, keep_a_BS: torch.Tensor,
@@ -46,7 +46,7 @@ def retrieval(a_ND: torch.Tensor, p_ND: torch.Tensor, scale: float = SCALE) -> t
     a_ND, p_ND = F.normalize(a_ND, dim=-1), F.normalize(p_ND, dim=-1)
     total, hits = 0.0, 0
     for lo in range(0, a_ND.shape[0], CHUNK):
-        rows_C = torch.arange(lo, min(lo + CHUNK, a_ND.shape[0]))
+        rows_C = torch.arange(lo, min(lo + CHUNK, a_ND.shape[0]), device=a_ND.device)
         s_CN = scale * (a_ND[rows_C] @ p_ND.T)
         total += float(F.cross_entropy(s_CN, rows_C, reduction="sum").double())
         hits += int((s_CN.argmax(dim=1) == rows_C).sum())

@@ -203,12 +203,13 @@ def worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1" and "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def init() -> None:
-    """Join the process group (a no-op outside a worker, or when already joined)."""
+def init(device: str = "cpu") -> None:
+    """Join the process group (a no-op outside a worker, or when already joined). With
+    `device` "cuda" each process takes the GPU of its local rank."""
     if not worker() or dist.is_initialized():
         return
     backend = "gloo"
-    if torch.cuda.is_available():
+    if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"  # each collective goes where its tensors are
     dist.init_process_group(backend, timeout=timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "60"))))
@@ -257,7 +258,9 @@ class DataParallel:
         if shard == "none":
             # DDP broadcasts rank 0's params at construction (the same on every rank: the
             # model is built from the seed); buffers (rotary tables) are constants
-            self.module = DistributedDataParallel(forward, forward_sync_buffers=False)
+            device = next(gm.parameters()).device
+            self.module = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  forward_sync_buffers=False)
             self.evaluator = gm
             return
         device = next(gm.parameters()).device
@@ -316,13 +319,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def shard_like(like: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """A full tensor `t` cut as `like` is: this rank's shard for a DTensor (no communication:
-    every rank holds `t`), `t` itself otherwise."""
+    """A full tensor `t` cut as `like` is, on its device: this rank's shard for a DTensor
+    (no communication: every rank holds `t`), `t` itself otherwise."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if not isinstance(like, DTensor):
-        return t
-    return distribute_tensor(t.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+        return t.to(like.device)
+    return distribute_tensor(t.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def effc_command(file: Path, args: list[str]) -> str:

@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from effc.runtime import data as D
 from effc.runtime.contrastive import retrieval
+from effc.runtime.model import device_of
 
 
 def _batches(split: D.Split, seq: int, batch: int, samples: int | None):
@@ -37,12 +38,18 @@ def _batches(split: D.Split, seq: int, batch: int, samples: int | None):
         yield x, y, D.packing(split, seq, ids) or ()
 
 
+def _on(dev, x, y, packed):
+    return x.to(dev), y.to(dev), tuple(t.to(dev) for t in packed)
+
+
 @torch.no_grad()
 def evaluate(gm: fx.GraphModule, split: D.Split, seq: int, batch: int, samples: int | None = None) -> dict:
     was_training = gm.training
     gm.eval()
     total, count, seqs = 0.0, 0, 0
+    dev = device_of(gm)
     for x, y, packed in _batches(split, seq, batch, samples):
+        x, y, packed = _on(dev, x, y, packed)
         total += float(gm(x, y, *packed).double())
         count += int((y != -100).sum())
         seqs += x.shape[0]
@@ -57,7 +64,9 @@ def similarity(a: fx.GraphModule, b: fx.GraphModule, split: D.Split, seq: int, b
     """`a` and `b` are logits graphs (`to_fx(..., output="logits")`)."""
     a.eval(), b.eval()
     total, count = 0.0, 0
+    dev = device_of(a)
     for x, y, packed in _batches(split, seq, batch, samples):
+        x, y, packed = _on(dev, x, y, packed)
         keep = (y != -100).flatten()
         pa = a(x, *packed).flatten(0, 1)[keep].softmax(-1)
         pb = b(x, *packed).flatten(0, 1)[keep].softmax(-1)
@@ -71,7 +80,8 @@ def embed(gm: fx.GraphModule, texts: D.Sentences, ids: torch.Tensor, batch: int)
     """(len(ids), D) embeddings of texts `ids`, `batch` texts per forward pass."""
     was_training = gm.training
     gm.eval()
-    out = [gm(*D.padded(texts, chunk)) for chunk in ids.split(batch)]
+    dev = device_of(gm)
+    out = [gm(*(t.to(dev) for t in D.padded(texts, chunk))) for chunk in ids.split(batch)]
     gm.train(was_training)
     return torch.cat(out)
 

@@ -97,10 +97,15 @@ def materialize(ir: IR, seq: int, state: State, seed: int, adapter_args: dict | 
     return gm, fresh
 
 
+def device_of(m: torch.nn.Module) -> torch.device:
+    """Where a module's params live (the CPU for a module without any)."""
+    return next((p.device for p in m.parameters()), torch.device("cpu"))
+
+
 def state_of(gm: fx.GraphModule, ir: IR) -> State:
-    """The params of a graph module by canonical path: detached copies, tied ones once,
-    generated ones never."""
-    return {p.path: gm.get_parameter(fx_name(p.path)).detach().clone()
+    """The params of a graph module by canonical path: detached copies in host memory
+    (a model trained on a GPU comes back to the CPU), tied ones once, generated ones never."""
+    return {p.path: gm.get_parameter(fx_name(p.path)).detach().to("cpu", copy=True)
             for p in ir.params() if p.tied_to is None and p.storage != "generated"}
 
 

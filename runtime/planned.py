@@ -28,12 +28,13 @@ from torch.utils.checkpoint import checkpoint
 from effc.compiler.plan import Plan, piece
 
 
-def problems(plan: Plan) -> tuple[list[tuple[str, str]], list[str]]:
-    """What this machine cannot do with the plan: (errors as (message, hint), notes).
-    torch.compile generates C++ on CPU and needs a compiler; bf16 without the CPU's bf16
-    matmul instructions runs emulated, orders of magnitude slower than fp32."""
+def problems(plan: Plan, device: str = "cpu") -> tuple[list[tuple[str, str]], list[str]]:
+    """What this machine cannot do with the plan on `device` ("cpu" or "cuda"): (errors as
+    (message, hint), notes). torch.compile generates C++ on CPU and needs a compiler; bf16
+    without the CPU's bf16 matmul instructions runs emulated, orders of magnitude slower
+    than fp32."""
     errors, notes = [], []
-    cuda = torch.cuda.is_available()
+    cuda = device == "cuda"
     if plan.compile and not cuda and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         errors.append(("--plan compile=true: torch.compile needs a C++ compiler on CPU, and none is on the PATH",
                        "install one (apt-get install g++), or leave compile off"))
@@ -43,10 +44,11 @@ def problems(plan: Plan) -> tuple[list[tuple[str, str]], list[str]]:
     return errors, notes
 
 
-def precision(plan: Plan | None):
+def precision(plan: Plan | None, device: str = "cpu"):
+    """The autocast context of a forward on `device` ("cpu" or "cuda") under the plan."""
     if plan is None or plan.precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+    return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def _recompute(module: torch.nn.Module, *args):

@@ -76,6 +76,7 @@ class RunOptions:
     threads: int | None = None
     plan: tuple[tuple[str, str], ...] = ()  # --plan key=value overrides, applied to every train step
     memory: int | None = None  # --memory: the budget in bytes per process, replacing the file's
+    device: str = "cpu"  # --device: where train steps run, "cpu" or "cuda" (this process's GPU)
 
 
 class RunFailed(Exception):
@@ -176,6 +177,8 @@ class _Run:
         self.profile = None  # the device profile the plan search reads, loaded at the first train
         self.main = distributed.is_main()  # with several processes, rank 0 alone writes and reports
         self.summary = Summary()
+        # train steps run here; every other stage, and every state kept between stages, on the CPU
+        self.device = torch.device("cuda", torch.cuda.current_device()) if opts.device == "cuda" else torch.device("cpu")
         self.stage_items = {i.name.name: i for i in result.program.items if isinstance(i, ast.Stage)}
 
     # ------------------------------------------------------------ helpers
@@ -479,9 +482,12 @@ class _Run:
             state, until = self.snapshot(teacher) if teacher.stage else (self.current(teacher.name), step.span)
             _, tgm, _ = self.graph(teacher.name, until, state, 0, "logits")
             gm = distill.attach(gm, tgm, step.options["temperature"])
+        gm.to(self.device)  # in place: the same Parameter objects (and the teacher's, attached)
         swaps = collections.Counter(f.kernel for f in gm.meta.get("swaps", []))
         self.rep.line(f"  plan: {plan.describe()}" + (f"; {sum(swaps.values())} kernel swaps ("
                       + ", ".join(f"{k} {n}" for k, n in swaps.items()) + ")" if swaps else ""))
+        if self.device.type == "cuda":
+            self.rep.line(f"  device: {self.device} ({torch.cuda.get_device_name(self.device)})")
         self.rep.line(f"  predicted: {predicted.time.seconds * 1e3:.1f} ms a step, peak "
                       f"{predicted.memory / 2**20:.1f} MiB a process (profile: {predicted.time.profile})")
         self.metric({"kind": "plan", "stage": stage, "model": model, "plan": plan.to_json(), "swaps": dict(swaps)})
@@ -524,7 +530,7 @@ class _Run:
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
         try:
             res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH, forward,
-                        lambda: planned.precision(plan), dp, measure=not plan.compile)
+                        lambda: planned.precision(plan, self.device.type), dp, measure=not plan.compile)
         except CheckpointError as e:
             self.fail("E0503", e.message, step.span, e.hint)
         finally:
@@ -579,7 +585,7 @@ class _Run:
         if plan.shard != "none" and plan.compile:
             self.fail("E0112", f"--plan shard={plan.shard} with compile=true: FSDP2 under torch.compile is not "
                       "supported yet", where, "use shard=none (DDP) with compile, or leave compile off")
-        errors, notes = planned.problems(plan)
+        errors, notes = planned.problems(plan, self.device.type)
         for message, hint in errors:
             self.fail("E0112", message, where, hint)
         for note in notes:
@@ -776,7 +782,7 @@ def run_pipeline(result: CheckResult, file: Path, opts: RunOptions, report: Repo
                  overrides: dict[str, str] | None = None) -> Summary:
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    distributed.init()  # a worker of `effc run --nproc N` joins its process group; otherwise nothing
+    distributed.init(opts.device)  # a worker of `effc run --nproc N` joins its process group; otherwise nothing
     try:
         return _Run(result, file, opts, report or Reporter(), overrides or {}).run()
     finally:

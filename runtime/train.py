@@ -54,7 +54,7 @@ from effc.runtime.contrastive import pair_loss_sum
 from effc.runtime.distributed import full, is_main, shard_like
 from effc.runtime.evaluate import evaluate, evaluate_pairs
 from effc.runtime.memory import LiveBytes
-from effc.runtime.model import trainable
+from effc.runtime.model import device_of, trainable
 
 
 @dataclass(frozen=True)
@@ -118,19 +118,21 @@ def _optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim
 
 
 def _save(root: Path, s: int, named, opt, meta: dict) -> Path:
-    """Every rank calls it (gathering a sharded tensor is a collective); rank 0 writes."""
+    """Every rank calls it (gathering a sharded tensor is a collective); rank 0 writes,
+    from host memory (a model training on a GPU is copied back)."""
     tensors = {}
     for path, p in named:
-        tensors[f"param/{path}"] = full(p.detach())
+        tensors[f"param/{path}"] = full(p.detach()).cpu()
         for k, v in opt.state.get(p, {}).items():
-            tensors[f"adam/{path}/{k}"] = full(v)
+            tensors[f"adam/{path}/{k}"] = full(v).cpu()
     if not is_main():
         return root / f"step_{s:08d}"  # the folder rank 0 commits
     return save_checkpoint(root, s, tensors, {**meta, "step": s})
 
 
 def _restore(ckpt, named, opt) -> None:
-    """Full tensors into params and AdamW state, each rank keeping its shard of them."""
+    """Full tensors into params and AdamW state, each rank keeping its shard of them, on
+    the params' device (AdamW's `step` stays on the CPU, where AdamW keeps it)."""
     with torch.no_grad():
         for path, p in named:
             p.copy_(shard_like(p, ckpt.tensors[f"param/{path}"]))
@@ -163,17 +165,18 @@ def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp
     compiled), `amp` makes the context its forwards run in (autocast, or none). With
     several processes (`dp`) this rank computes sequences first..first+sum(sizes) of the
     step's batch, and the summed loss is its part."""
-    seq = data.seq
+    seq, dev = data.seq, device_of(gm)
     ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
     x, y = D.gather(data.train, seq, ids)
     packed = D.packing(data.train, seq, ids)  # records' boundaries, for data made of records
     count = int((y != -100).sum())  # of the whole batch: every rank reads it, no communication
+    x, y, packed = x.to(dev), y.to(dev), packed and [t.to(dev) for t in packed]
     scale = 1
     if dp is not None:  # this rank's share; DDP and FSDP2 average gradients over the ranks
         share = slice(first, first + sum(sizes))
         x, y, packed, scale = x[share], y[share], packed and [t[share] for t in packed], dp.world
     extras = [t.split(sizes) for t in packed] if packed else []
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
     for i, (xm, ym) in enumerate(zip(x.split(sizes), y.split(sizes))):
         with _sync(dp, i, sizes):
             with amp():
@@ -197,10 +200,11 @@ def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp
     scale = 1
     if dp is not None:
         ids_B, scale = ids_B[first: first + sum(sizes)], dp.world
-    total = torch.zeros((), dtype=torch.float64)
+    dev = device_of(gm)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
     tokens = 0
     for i, ids_M in enumerate(ids_B.split(sizes)):
-        a, keep_a, p, keep_p = D.gather_pairs(data.train, ids_M)
+        a, keep_a, p, keep_p = (t.to(dev) for t in D.gather_pairs(data.train, ids_M))
         with _sync(dp, i, sizes):
             with amp():
                 part = pair_loss_sum(gm, a, keep_a, p, keep_p)
