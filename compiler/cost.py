@@ -436,7 +436,7 @@ class MemoryModel:
                                   if n.op is Op.LINEAR and not any(p.quantized for p in n.params))
         self.storage = _storage(ir)
 
-    def sharded(self, batch: int, world: int, mode: str) -> int:
+    def sharded(self, batch: int, world: int, mode: str, offload: bool = False) -> int:
         """Peak bytes of one of `world` processes under FSDP2 ("zero2" / "zero3"), as
         effc.runtime.distributed shards: one group a piece of the graph (a layer, or a
         sublayer when checkpointing splits it; the embedding before the layers and the
@@ -447,9 +447,12 @@ class MemoryModel:
         until its backward ends (zero2) or its forward ends (zero3); its gradients are
         whole while its backward runs, then reduce-scattered to 1/world through a copy
         of them, which FSDP2 keeps until the next group's reduce-scatter. The root's are
-        gathered throughout and reduced at the end."""
+        gathered throughout and reduced at the end. `offload`: the shards of weights,
+        gradients and optimizer state live in host memory (FSDP2's CPUOffloadPolicy), so
+        the device holds only what is gathered, the activations and the gradients in
+        flight, and the optimizer step runs on the host."""
         g = self.groups
-        base = (self.weights + self.opt) // world
+        base = 0 if offload else (self.weights + self.opt) // world
         # forward, at its peak (the head and loss, last): every group gathered (zero2), or
         # the largest (zero3), beside forward's activations
         gathered = g.root_w + (sum(g.w) if mode == "zero2" else max(g.w, default=0))
@@ -475,9 +478,9 @@ class MemoryModel:
                 peak = max(peak, base + weights + grads + shards + g.g[k] + batch * per_seq + self.copies)
                 pending = g.g[k]
                 grads -= g.g[k]
-                shards += g.g[k] // world
+                shards += 0 if offload else g.g[k] // world
                 open_w -= g.w[k]
-        step = base + (self.grads + 2 * max(g.w + [g.root_w])) // world  # AdamW on the shards
+        step = 0 if offload else base + (self.grads + 2 * max(g.w + [g.root_w])) // world  # AdamW on the shards
         return max(peak, step)
 
     def cost(self, batch: int) -> Cost:

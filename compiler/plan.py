@@ -20,7 +20,12 @@ or the gradient beyond float rounding:
   every process holds every tensor), "zero2" (FSDP2 `fully_shard` with parameters kept
   gathered from forward to the end of backward: gradients and optimizer state sharded),
   "zero3" (FSDP2 resharding after forward: parameters sharded too, gathered a layer at
-  a time).
+  a time);
+- `offload`: every parameter, gradient and AdamW state lives in host memory (FSDP2's
+  CPUOffloadPolicy); the GPU holds a layer's gathered weights at a time, and the
+  optimizer steps on the CPU. FSDP2 even with one process (zero3 unless `shard` says
+  zero2); with several, `shard` must be zero2 or zero3. Meant for a GPU: on the CPU the
+  tensors are in host memory already and it saves nothing.
 
 The default plan is the statement's own (`accumulate=` of the train statement) with no
 checkpointing, fp32, every kernel and no compile. `effc run --plan key=value` and
@@ -44,7 +49,7 @@ COSTED = ("quant_linear", "rms_norm", "swiglu", "rotary")
 CHECKPOINT = ("none", "full", "attn", "mlp")
 PRECISION = ("fp32", "bf16")
 SHARD = ("none", "zero2", "zero3")
-FIELDS = ("micro_batch", "accumulate", "checkpoint", "precision", "kernels", "compile", "shard")
+FIELDS = ("micro_batch", "accumulate", "checkpoint", "precision", "kernels", "compile", "shard", "offload")
 
 
 class PlanError(Exception):
@@ -65,6 +70,7 @@ class Plan:
     compile: bool = False
     world: int = 1  # data-parallel processes
     shard: str = "none"
+    offload: bool = False
 
     @property
     def per_process(self) -> int:
@@ -96,8 +102,18 @@ class Plan:
         text = (f"micro-batch {self.micro_batch} x {self.accumulate}, checkpoint {checkpoint}, {self.precision}, "
                 f"kernels {kernels}, compile {'on' if self.compile else 'off'}")
         if self.world > 1:
-            text += f", {self.world} processes, " + ("DDP" if self.shard == "none" else f"FSDP2 {self.shard}")
+            text += f", {self.world} processes, " + ("DDP" if self.fsdp is None else f"FSDP2 {self.fsdp}")
+        if self.offload:
+            text += ", offload to host"
         return text
+
+    @property
+    def fsdp(self) -> str | None:
+        """The FSDP2 mode the runtime wraps the model in ("zero2" / "zero3"), None for none
+        (one process, or DDP). Offload goes through FSDP2: zero3 unless shard says zero2."""
+        if self.shard != "none" and (self.world > 1 or self.offload):
+            return self.shard
+        return "zero3" if self.offload else None
 
 
 _LAYER = re.compile(r"^layers\[(\d+)\]\.(attn|mlp)?")
@@ -181,6 +197,8 @@ def apply(plan: Plan, key: str, value: str) -> Plan:
         return replace(plan, kernels=tuple(k for k in KERNELS if k in names))
     if key == "compile":
         return replace(plan, compile=_bool(key, v))
+    if key == "offload":
+        return replace(plan, offload=_bool(key, v))
     if key == "shard":
         if v not in SHARD:
             raise PlanError(f"--plan shard={v}: unknown choice", f"one of {', '.join(SHARD)}")

@@ -41,6 +41,8 @@ class DeviceProfile:
     bandwidth: float  # bytes/s
     overhead: dict[str, float]  # seconds per call
     collectives: dict[str, dict] = field(default_factory=dict)
+    # beside a GPU: {"link": host <-> device copy bytes/s (pinned), "bandwidth": host memory copy bytes/s}
+    host: dict[str, float] = field(default_factory=dict)
     measured: str = ""
     torch: str = ""
     source: str = "built-in default"  # where it was read from: a path, or the built-in default
@@ -65,7 +67,8 @@ class DeviceProfile:
     def to_json(self) -> dict:
         return {"effc_profile": VERSION, "name": self.name, "device": self.device, "threads": self.threads,
                 "torch": self.torch, "measured": self.measured, "matmul": self.matmul,
-                "bandwidth": self.bandwidth, "overhead": self.overhead, "collectives": self.collectives}
+                "bandwidth": self.bandwidth, "overhead": self.overhead, "collectives": self.collectives,
+                "host": self.host}
 
     @staticmethod
     def from_json(d: dict, source: str) -> "DeviceProfile":
@@ -76,7 +79,8 @@ class DeviceProfile:
             return DeviceProfile(str(d["name"]), str(d["device"]), int(d["threads"]),
                                  {k: [[float(x) for x in row] for row in v] for k, v in d["matmul"].items()},
                                  float(d["bandwidth"]), {k: float(v) for k, v in d["overhead"].items()},
-                                 dict(d.get("collectives", {})), str(d.get("measured", "")), str(d.get("torch", "")),
+                                 dict(d.get("collectives", {})), {k: float(v) for k, v in d.get("host", {}).items()},
+                                 str(d.get("measured", "")), str(d.get("torch", "")),
                                  source)
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"{source}: a field is missing or malformed ({e})",

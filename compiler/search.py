@@ -104,20 +104,20 @@ def relevant_kernels(ir: IR) -> tuple[str, ...]:
     return tuple(k for k in KERNELS if site[k])
 
 
-def per_process(model: MemoryModel, cost: Cost, plan: Plan) -> int:
-    """Peak bytes of one process under the plan's data parallelism (`cost`: the model's
-    at the plan's micro-batch). DDP holds every tensor plus its gradient buckets (a second
-    copy of the gradients); FSDP2 (zero2, zero3) shards a group a layer
-    (effc.compiler.cost.MemoryModel.sharded)."""
-    if plan.world == 1:
-        return cost.peak_bytes
-    if plan.shard == "none":
-        return cost.peak_bytes + cost.grad_bytes
-    return model.sharded(cost.batch, plan.world, plan.shard)
+def per_process(model: MemoryModel, cost: Cost, plan: Plan, gpu: bool = False) -> int:
+    """Peak bytes of one process's device under the plan's data parallelism (`cost`: the
+    model's at the plan's micro-batch). DDP holds every tensor plus its gradient buckets
+    (a second copy of the gradients); FSDP2 (zero2, zero3) shards a group a layer
+    (effc.compiler.cost.MemoryModel.sharded); offload moves the shards to host memory,
+    which on a `gpu` is not the device's (on a CPU it is the same memory, and saves
+    nothing)."""
+    if plan.fsdp is None:
+        return cost.peak_bytes + (cost.grad_bytes if plan.world > 1 else 0)
+    return model.sharded(cost.batch, plan.world, plan.fsdp, offload=plan.offload and gpu)
 
 
 class _Space:
-    def __init__(self, ir: IR, base: Plan, pinned: set[str]):
+    def __init__(self, ir: IR, base: Plan, pinned: set[str], gpu: bool = False):
         self.base = base
         layers = len(base.checkpoint)
         per = base.per_process
@@ -137,9 +137,11 @@ class _Space:
             self.dims.append((f"kernel:{k}", [k in base.kernels] if "kernels" in pinned else [True, False]))
         if base.world > 1:
             self.dims.append(("shard", [base.shard] if "shard" in pinned else list(SHARD)))
+        if gpu and "offload" not in pinned:  # host memory is another memory only beside a GPU
+            self.dims.append(("offload", [False, True]))
         self.size = math.prod(len(v) for _, v in self.dims)
         free = {"kernels" if name.startswith("kernel:") else name for name, v in self.dims if len(v) > 1}
-        self.searched = tuple(f for f in ("accumulate", "checkpoint", "kernels", "shard") if f in free)
+        self.searched = tuple(f for f in ("accumulate", "checkpoint", "kernels", "shard", "offload") if f in free)
 
     def start(self) -> tuple[int, ...]:
         """The base plan's point (its accumulate rounded to the nearest listed one)."""
@@ -151,6 +153,8 @@ class _Space:
                 v = self.base.checkpoint
             elif name.startswith("kernel:"):
                 v = name[7:] in self.base.kernels
+            elif name == "offload":
+                v = self.base.offload
             else:
                 v = self.base.shard
             point.append(values.index(v))
@@ -160,8 +164,12 @@ class _Space:
         values = {name: vals[i] for (name, vals), i in zip(self.dims, point)}
         checkpoint = values["checkpoint"]
         kernels = tuple(k for k in KERNELS if values.get(f"kernel:{k}", k in self.base.kernels))
+        offload = values.get("offload", self.base.offload)
+        shard = values.get("shard", self.base.shard)
+        if offload and shard == "none" and self.base.world > 1:  # offload is FSDP2's: the same plan as zero3
+            shard = "zero3"
         return replace(self.base, accumulate=values["accumulate"], checkpoint=checkpoint, kernels=kernels,
-                       shard=values.get("shard", self.base.shard))
+                       shard=shard, offload=offload)
 
     def points(self):
         return itertools.product(*(range(len(v)) for _, v in self.dims))
@@ -173,7 +181,7 @@ def search(ir: IR, base: Plan, seq: int, profile: DeviceProfile, budget: int | N
     """Search the plans around `base` (whose pinned fields stay) for the fastest that fits
     `budget` bytes per process (None: no limit). `method`: "exhaustive", "Metropolis", or
     None to choose by the space's size."""
-    space = _Space(ir, base, set(pinned))
+    space = _Space(ir, base, set(pinned), gpu=profile.device == "cuda")
     timer = Timer(ir, seq, profile, base.precision, base.world, sequences_per_item)
     memo: dict[tuple, Candidate] = {}
     models: dict[tuple, MemoryModel] = {}
@@ -186,7 +194,7 @@ def search(ir: IR, base: Plan, seq: int, profile: DeviceProfile, budget: int | N
         if key not in models:
             models[key] = MemoryModel(ir, seq, checkpoint=plan.checkpoint, kernels=key[1], precision=plan.precision)
         cost = models[key].cost(plan.micro_batch * sequences_per_item)
-        memory = per_process(models[key], cost, plan)
+        memory = per_process(models[key], cost, plan, gpu=profile.device == "cuda")
         t = timer.step(plan)
         memo[point] = Candidate(plan, cost, memory, t, budget is None or memory <= budget)
         return memo[point]
@@ -197,20 +205,21 @@ def search(ir: IR, base: Plan, seq: int, profile: DeviceProfile, budget: int | N
             evaluate(point)
     else:
         _metropolis(space, evaluate, budget, seconds, iterations, seed)
-    ranked = sorted((c for c in memo.values() if c.fits), key=lambda c: (c.time.seconds, c.memory))
+    unique = list({c.plan: c for c in memo.values()}.values())  # points that make the same plan, once
+    ranked = sorted((c for c in unique if c.fits), key=lambda c: (c.time.seconds, c.memory))
     if ranked:  # among the plans within TIE of the fastest, the one nearest the statement's own
         near = [c for c in ranked if c.time.seconds <= ranked[0].time.seconds * (1 + TIE)]
         winner = min(near, key=lambda c: (_changes(c.plan, base), c.time.seconds))
         ranked.remove(winner)
         ranked.insert(0, winner)
-    over = sorted((c for c in memo.values() if not c.fits), key=lambda c: (c.memory, c.time.seconds))
+    over = sorted((c for c in unique if not c.fits), key=lambda c: (c.memory, c.time.seconds))
     return Search(tuple(ranked), tuple(over), chosen, space.size, budget, space.searched)
 
 
 def _changes(plan: Plan, base: Plan) -> int:
     """Fields (layers, kernels) in which a plan differs from the statement's own."""
     return ((plan.accumulate != base.accumulate) + sum(a != b for a, b in zip(plan.checkpoint, base.checkpoint))
-            + len(set(plan.kernels) ^ set(base.kernels)) + (plan.shard != base.shard))
+            + len(set(plan.kernels) ^ set(base.kernels)) + (plan.shard != base.shard) + (plan.offload != base.offload))
 
 
 def _energy(c: Candidate, budget: int | None) -> float:

@@ -60,6 +60,9 @@ EAGER = 6.0  # a training call's overhead / the profile's bare aten call
 MATMUL_EFFICIENCY = 0.9
 ADAM_CALLS, ADAM_PASSES = 12, 12
 COLLECTIVE_DEFAULT = 1e9  # bytes/s of an all-reduce when the profile has not measured one
+# offload, where the profile has not measured the host: a PCIe 4 x16 link's copy rate and
+# a server's host-memory copy rate, bytes/s (assumed, not measured)
+HOST_LINK_DEFAULT, HOST_BANDWIDTH_DEFAULT = 2.0e10, 2.0e10
 # The kernel swap that replaces each op's reference (effc.compiler.swaps)
 SWAPPED = {Op.RMSNORM: "rms_norm", Op.SWIGLU: "swiglu", Op.ROTARY: "rotary"}
 
@@ -214,6 +217,15 @@ class Timer:
                 parts[kind] = parts.get(kind, 0.0) + t
         bw = profile.bandwidth * self.share
         parts["optimizer"] = self.tensors * (ADAM_CALLS + 3) * m.call + (ADAM_PASSES + 2) * 4.0 * self.elements / bw
+        if plan.offload and profile.device == "cuda":
+            # the step runs on the host, over this process's shards; each gather first copies
+            # the weights' shards to the device, and the reduced gradients' shards come back
+            host_bw = profile.host.get("bandwidth", HOST_BANDWIDTH_DEFAULT)
+            parts["optimizer"] = (self.tensors * (ADAM_CALLS + 3) * m.call
+                                  + (ADAM_PASSES + 2) * 4.0 * self.elements / plan.world / host_bw)
+            gathers = 2 if plan.fsdp == "zero3" else 1
+            moved = (gathers * self.weight_bytes + 4.0 * self.elements) / plan.world
+            parts["offload"] = moved / profile.host.get("link", HOST_LINK_DEFAULT)
         if plan.world > 1:
             w = plan.world
             grads = 4.0 * self.elements

@@ -215,6 +215,16 @@ def init(device: str = "cpu") -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "60"))))
 
 
+def init_single(device: str = "cpu") -> None:
+    """A process group of this process alone, for FSDP2 with one process (offload); a
+    no-op where a group exists. Its store lives in memory: nothing listens on a port."""
+    if dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "60"))))
+
+
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -248,9 +258,9 @@ class DataParallel:
     """A train step's module wrapped for `plan.shard` across the process group. `module`
     is what the step calls; `evaluator` what evaluation during training calls."""
 
-    def __init__(self, gm: fx.GraphModule, forward: torch.nn.Module, shard: str):
+    def __init__(self, gm: fx.GraphModule, forward: torch.nn.Module, shard: str, offload: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
         from torch.nn.parallel import DistributedDataParallel
 
         self.rank, self.world, self.shard = dist.get_rank(), dist.get_world_size(), shard
@@ -274,9 +284,13 @@ class DataParallel:
         names = {name: gm_names[id(p)] for name, p in forward.named_parameters(remove_duplicate=False)}
         if forward is gm:  # not split (a caller without `own`): one group; gm itself stays free of FSDP2's hooks
             forward = fx.GraphModule(gm, gm.graph)
+        # offload: the shards (and gradients, and so AdamW's state) in host memory, pinned
+        # beside a GPU so copies to it run asynchronously
+        policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
         for piece in sorted({name.split(".", 1)[0] for name in forward.meta.get("owners", {})}):
-            fully_shard(forward.get_submodule(piece), mesh=mesh, reshard_after_forward=shard == "zero3")
-        fully_shard(forward, mesh=mesh, reshard_after_forward=shard == "zero3")
+            fully_shard(forward.get_submodule(piece), mesh=mesh, reshard_after_forward=shard == "zero3",
+                        offload_policy=policy)
+        fully_shard(forward, mesh=mesh, reshard_after_forward=shard == "zero3", offload_policy=policy)
         # gm holds the sharded params from now on, so the optimizer, checkpoints and
         # `trainable` see the objects FSDP2 updates, and the full originals are freed
         for name, p in forward.named_parameters(remove_duplicate=False):

@@ -38,6 +38,9 @@ def problems(plan: Plan, device: str = "cpu") -> tuple[list[tuple[str, str]], li
     if plan.compile and not cuda and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         errors.append(("--plan compile=true: torch.compile needs a C++ compiler on CPU, and none is on the PATH",
                        "install one (apt-get install g++), or leave compile off"))
+    if plan.offload and not cuda:
+        notes.append("offload=true on the CPU: the tensors are in host memory already, so it saves nothing "
+                     "(FSDP2's offload path runs as it would beside a GPU)")
     if plan.precision == "bf16" and not cuda and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         notes.append("this CPU has no bf16 matmul instructions: precision=bf16 runs them emulated, far slower "
                      "than fp32 (bench/train_speed.py measured 0.3 against 188 GFLOP/s on one such machine)")

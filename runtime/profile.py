@@ -82,10 +82,18 @@ def measure(quick: bool = False, threads: int | None = None) -> DeviceProfile:
 
     aten = _best(many(lambda: torch.add(tiny, tiny)), repeats, sync) / calls
     custom = _best(many(lambda: torch.ops.effc.rms_norm(tiny, w, 1e-5)), repeats, sync) / calls
+    host = {}
+    if cuda:  # what offload moves: pinned host memory to the device and back, and host memory itself
+        pinned = torch.empty(elements, pin_memory=True)
+        on_device = torch.empty(elements, device=dev)
+        host["link"] = 2 * elements * 4 / (_best(lambda: on_device.copy_(pinned), repeats, sync)
+                                           + _best(lambda: pinned.copy_(on_device), repeats, sync))
+        other = torch.empty(elements)
+        host["bandwidth"] = 2 * elements * 4 / _best(lambda: other.copy_(pinned), repeats, lambda: None)
     name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
     return DeviceProfile(name=f"{name}, {torch.get_num_threads()} threads", device=dev,
                          threads=torch.get_num_threads(), matmul=matmul, bandwidth=bandwidth,
-                         overhead={"aten_op": aten, "custom_op": custom}, collectives=collectives(quick),
+                         overhead={"aten_op": aten, "custom_op": custom}, collectives=collectives(quick), host=host,
                          measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
                          source="measured")
 
@@ -178,4 +186,7 @@ def summary(p: DeviceProfile) -> str:
                      + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in rates if v))
     if not p.collectives:
         lines.append("  collectives: not measured (the time model assumes 1 GB/s)")
+    if p.host:
+        lines.append(f"  host <-> device copies (pinned): {p.host['link'] / 1e9:.1f} GB/s; host memory copy: "
+                     f"{p.host['bandwidth'] / 1e9:.1f} GB/s")
     return "\n".join(lines)

@@ -492,10 +492,11 @@ class _Run:
                       f"{predicted.memory / 2**20:.1f} MiB a process (profile: {predicted.time.profile})")
         self.metric({"kind": "plan", "stage": stage, "model": model, "plan": plan.to_json(), "swaps": dict(swaps)})
         dp = None
-        if plan.world > 1:  # DDP or FSDP2 around the planned forward, compiled last (compile(DDP(m)))
-            own = plan.shard != "none"  # FSDP2: a group a layer, each owning its params
+        if plan.world > 1 or plan.offload:  # DDP or FSDP2 around the planned forward, compiled last (compile(DDP(m)))
+            distributed.init_single(self.device.type)  # one process offloading: FSDP2 needs a process group
+            own = plan.fsdp is not None  # FSDP2: a group a layer, each owning its params
             dp = distributed.DataParallel(gm, planned.forward_of(gm, dataclasses.replace(plan, compile=False), own),
-                                          plan.shard)
+                                          plan.fsdp or "none", plan.offload)
             forward = torch.compile(dp.module) if plan.compile else dp.module
         else:
             forward = planned.forward_of(gm, plan)
@@ -530,7 +531,8 @@ class _Run:
         hooks = Hooks(on_start, on_step, on_eval, lambda: self.stop.requested)
         try:
             res = train(gm, ir, ds, spec, ckpt, resume, hooks, EVAL_BATCH, forward,
-                        lambda: planned.precision(plan, self.device.type), dp, measure=not plan.compile)
+                        lambda: planned.precision(plan, self.device.type), dp, measure=not plan.compile,
+                        device=self.device)
         except CheckpointError as e:
             self.fail("E0503", e.message, step.span, e.hint)
         finally:
@@ -582,9 +584,11 @@ class _Run:
         except PlanError as e:
             self.fail("E0112", e.message, where, e.hint)
         plan = chosen.plan
-        if plan.shard != "none" and plan.compile:
-            self.fail("E0112", f"--plan shard={plan.shard} with compile=true: FSDP2 under torch.compile is not "
-                      "supported yet", where, "use shard=none (DDP) with compile, or leave compile off")
+        if plan.fsdp is not None and plan.compile:
+            what = "offload=true" if plan.offload else f"shard={plan.shard}"
+            self.fail("E0112", f"--plan {what} with compile=true: FSDP2 under torch.compile is not "
+                      "supported yet", where, "leave compile off" + ("" if plan.offload else
+                                                                     ", or use shard=none (DDP) with compile"))
         errors, notes = planned.problems(plan, self.device.type)
         for message, hint in errors:
             self.fail("E0112", message, where, hint)

@@ -159,13 +159,13 @@ def _sync(dp, i: int, sizes: list[int]):
 
 
 def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp, dp=None,
-             first: int = 0) -> tuple[float, int, int]:
+             first: int = 0, dev: torch.device | None = None) -> tuple[float, int, int]:
     """Forward and backward of step s of a language model: (summed loss, target count of
     the whole step, tokens read). `gm` is the step's forward (the plan's: checkpointed,
     compiled), `amp` makes the context its forwards run in (autocast, or none). With
     several processes (`dp`) this rank computes sequences first..first+sum(sizes) of the
     step's batch, and the summed loss is its part."""
-    seq, dev = data.seq, device_of(gm)
+    seq, dev = data.seq, dev or device_of(gm)
     ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
     x, y = D.gather(data.train, seq, ids)
     packed = D.packing(data.train, seq, ids)  # records' boundaries, for data made of records
@@ -187,7 +187,7 @@ def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp
 
 
 def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp, dp=None,
-               first: int = 0) -> tuple[float, int, int]:
+               first: int = 0, dev: torch.device | None = None) -> tuple[float, int, int]:
     """Forward and backward of step s of a sentence encoder: (summed contrastive loss, pair
     count of the whole step, real tokens read); `dp` and `first` as in `_lm_step`. Each
     micro-batch's summed loss (`pair_loss_sum`) is divided by the step's pair count, so with accumulate=1 the gradient is exactly that of
@@ -200,7 +200,7 @@ def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp
     scale = 1
     if dp is not None:
         ids_B, scale = ids_B[first: first + sum(sizes)], dp.world
-    dev = device_of(gm)
+    dev = dev or device_of(gm)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     tokens = 0
     for i, ids_M in enumerate(ids_B.split(sizes)):
@@ -216,7 +216,7 @@ def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp
 
 def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec, ckpt_root: Path,
           resume: bool, hooks: Hooks, eval_batch: int = 8, forward=None, amp=contextlib.nullcontext,
-          dp=None, measure: bool = False) -> dict:
+          dp=None, measure: bool = False, device: torch.device | None = None) -> dict:
     """Train `gm` in place; returns the summary of the run (last loss, tokens, time).
     `data` is a `Dataset` for a language model (the graph returns its summed
     cross-entropy) or `Pairs` for a sentence encoder (the graph returns embeddings, and
@@ -226,7 +226,8 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
     the process group's DataParallel (`forward` is then its module), None for one process.
     `measure`: count the live tensor bytes of this run's second step
     (effc.runtime.memory.LiveBytes; the step runs slower under it) and return their peak
-    as "tensor_peak"."""
+    as "tensor_peak". `device`: where the batches go (default: where gm's params are;
+    under offload they are in host memory while the forward runs on the device)."""
     named = trainable(gm, ir)
     # A pruned weight that trains keeps its zeros (its storage is "sparse"): the mask is
     # read off the weight before any step, its gradient is masked (so clipping sees only
@@ -266,7 +267,7 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
             for group in opt.param_groups:
                 group["lr"] = lr
             total, count, n_tokens = (_pair_step if pairs else _lm_step)(forward or gm, data, spec, s, sizes, amp,
-                                                                        dp, first)
+                                                                        dp, first, device or device_of(gm))
             if dp is not None:  # the global sums, and whether any rank was asked to stop
                 total, n_tokens, asked = dp.sum([total, n_tokens, float(hooks.should_stop())])
                 n_tokens = int(n_tokens)

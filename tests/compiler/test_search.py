@@ -149,6 +149,11 @@ def test_data_parallel_memory_per_process():
     between = search(ir, plan, 32, DEFAULT_CPU, (zero3 + zero2) // 2,
                      pinned={"accumulate", "checkpoint", "kernels"})
     assert between.best is not None and between.best.plan.shard == "zero3", format_search(between)
+    # offload: beside a GPU the shards, gradients' shards and AdamW state are in host memory
+    offload = per_process(model, c, replace(plan, shard="zero3", offload=True), gpu=True)
+    # zero3's peak less its shards, and less the gradients' shards where they had all been reduced
+    assert zero3 - shards - G // 2 <= offload <= zero3 - shards
+    assert per_process(model, c, replace(plan, shard="zero3", offload=True), gpu=False) == zero3  # the same memory
     # tied: the embedding's weight, read by the first piece and the last, belongs to the root
     tied = MemoryModel(ir_of(WIDE.replace("seq=32", "seq=32, tied=true")), 32)
     assert tied.groups.root_w == 4 * v * d and tied.groups.w == [0, layer, layer, layer, 4 * d]
@@ -255,3 +260,18 @@ def test_effc_plan_prints_ranked_plans(tmp_path):
     assert step["budget"] == 2**20 and all(r["memory"] <= 2**20 for r in step["ranked"])
     bad = subprocess.run(cmd + ["--memory", "1KiB"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 1 and "E0404" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_offload_is_searched_beside_a_gpu_only_and_chosen_when_nothing_else_fits():
+    ir = ir_of(WIDE, "")
+    gpu = replace(DEFAULT_CPU, device="cuda")
+    base = default_plan(4, 1, 3)
+    pinned = {"accumulate", "checkpoint", "kernels"}
+    assert "offload" not in search(ir, base, 32, DEFAULT_CPU, None, pinned).searched
+    free = search(ir, base, 32, gpu, None, pinned)
+    assert free.searched == ("offload",) and free.best.plan.offload is False  # offload only adds copies
+    off = next(c for c in free.ranked if c.plan.offload)
+    assert off.memory < free.best.memory and off.plan.fsdp == "zero3"
+    assert dict(off.time.parts)["offload"] > 0
+    tight = search(ir, base, 32, gpu, (off.memory + free.best.memory) // 2, pinned)
+    assert tight.best.plan.offload and "offload to host" in tight.best.plan.describe()

@@ -102,3 +102,17 @@ def test_a_cuda_checkpoint_resumes_on_the_cpu(tmp_path):
     r = effc("run", "p.eff", "-o", "run", "--device", "cpu", "--resume", "--threads", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert records(tmp_path / "run", "train")[-1]["step"] == 400
+
+
+@CUDA
+def test_offload_on_cuda_follows_the_cpu_curve(tmp_path):
+    """--plan offload=true beside a GPU: FSDP2's CPUOffloadPolicy keeps params, gradients
+    and AdamW state in pinned host memory, and steps on the CPU."""
+    (tmp_path / "p.eff").write_text(LORA)
+    cpu = effc("run", "p.eff", "-o", "cpu", "--device", "cpu", "--threads", "1", cwd=tmp_path)
+    assert cpu.returncode == 0, cpu.stderr
+    gpu = effc("run", "p.eff", "-o", "gpu", "--device", "cuda", "--plan", "offload=true", cwd=tmp_path)
+    assert gpu.returncode == 0, gpu.stderr
+    assert "offload to host" in gpu.stderr and "saves nothing" not in gpu.stderr
+    for g, w in zip(records(tmp_path / "gpu", "train"), records(tmp_path / "cpu", "train"), strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=RTOL), (g, w)

@@ -231,6 +231,18 @@ def test_zero3_with_layers_shared_across_pieces_gives_the_one_process_curve(tmp_
     assert_same_curve(curve(two / "run"), curve(one / "run"))
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_offload_gives_the_one_process_curve(tmp_path, lora_reference, nproc):
+    """--plan offload=true: FSDP2 with CPUOffloadPolicy (a 1-process group for one
+    process). On a CPU it moves nothing, but it runs the same path as beside a GPU."""
+    d = folder(tmp_path, LORA)
+    r = effc("run", "p.eff", "-o", "run", "--threads", "1", "--nproc", nproc, "--plan", "offload=true", cwd=d)
+    assert r.returncode == 0, r.stderr
+    assert "offload to host" in r.stderr and "saves nothing" in r.stderr
+    assert ("2 processes, FSDP2" in r.stderr) == (nproc == 2)  # zero2 or zero3, as the search chose
+    assert_same_curve(curve(d / "run"), lora_reference)
+
+
 def test_a_two_node_rendezvous_on_localhost(tmp_path, lora_reference):
     d = folder(tmp_path, LORA)
     endpoint = f"127.0.0.1:{free_port()}"

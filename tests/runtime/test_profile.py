@@ -36,6 +36,18 @@ def test_an_older_profile_without_fsdp_collectives_answers_with_the_all_reduce()
     assert old.collective_rate("nccl") is None
 
 
+def test_a_gpu_profile_says_its_host_link_and_round_trips():
+    from dataclasses import replace
+
+    from effc.runtime.profile import summary
+
+    p = replace(DEFAULT_CPU, device="cuda", host={"link": 2.5e10, "bandwidth": 1.5e10})
+    back = DeviceProfile.from_json(json.loads(json.dumps(p.to_json())), "p.json")
+    assert back.host == p.host
+    assert "host <-> device copies (pinned): 25.0 GB/s; host memory copy: 15.0 GB/s" in summary(p)
+    assert "host <-> device" not in summary(DEFAULT_CPU)
+
+
 def test_without_a_profile_the_built_in_default_is_used_and_named(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFC_PROFILE", str(tmp_path / "none.json"))
     assert profile_path() == tmp_path / "none.json"
