@@ -30,7 +30,7 @@ app = typer.Typer(
 
 PLAN_HELP = ("override a field of every train step's execution plan (repeatable): micro_batch=N, accumulate=N, "
              "checkpoint=none|full|attn|mlp (or one per layer, comma-separated), precision=fp32|bf16, "
-             "kernels=all|none|NAME,..., compile=true|false")
+             "kernels=all|none|NAME,..., compile=true|false, shard=none|zero2|zero3, offload=true|false")
 
 
 MEMORY_HELP = "the memory budget per device, replacing the file's budget(memory=...): --memory 8GiB"
