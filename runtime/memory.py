@@ -32,11 +32,13 @@ class LiveBytes(TorchDispatchMode):
     is active (plus storages registered with `track`), removes them when the storage is
     freed, and records the peak. Counts freeze when the mode exits."""
 
-    def __init__(self, resizes: bool = False):
+    def __init__(self, resizes: bool = False, device: str | None = None):
         """`resizes`: re-read every live storage's size before each op, for code that frees
         memory by resizing a storage to zero outside aten (FSDP2's unsharded parameters);
-        slower, linear in the live storages."""
+        slower, linear in the live storages. `device`: count only storages on that device
+        type ("cuda": a GPU's memory, leaving out what offload keeps in host memory)."""
         super().__init__()
+        self.device = device
         self.bytes = 0
         self.peak = 0
         self.resizes = resizes
@@ -53,7 +55,7 @@ class LiveBytes(TorchDispatchMode):
         # A DTensor (FSDP2) is a wrapper whose storage is not memory: its shard on this
         # process is (the local ops that make it run below this mode, unseen).
         t = getattr(t, "_local_tensor", t)
-        if t.device.type == "meta" or t.layout is not torch.strided:
+        if t.device.type == "meta" or t.layout is not torch.strided or self.device not in (None, t.device.type):
             return
         st = t.untyped_storage()
         key, n = st._cdata, st.nbytes()

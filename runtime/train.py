@@ -256,7 +256,8 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
     for s in range(start, spec.steps):
         meter = contextlib.nullcontext()
         if measure and s == start + 1:  # the second step: the optimizer's state exists by then
-            meter = LiveBytes(resizes=dp is not None and dp.shard != "none")
+            on = device or device_of(gm)  # a GPU's memory only (the prediction's), all of it on a CPU
+            meter = LiveBytes(resizes=dp is not None and dp.shard != "none", device=None if on.type == "cpu" else on.type)
             for t in [*gm.parameters(), *gm.buffers(),
                       *(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))]:
                 meter.track(t)

@@ -122,6 +122,18 @@ def _embedding_trains(ir: IR) -> bool:
 
 # The tracker against known sizes
 
+def test_tracker_counts_only_the_device_it_is_given():
+    """On a GPU the run's measure is the GPU's memory: host tensors (offload's) are left out."""
+    with LiveBytes(device="cuda") as gpu:
+        x = torch.empty(1000)
+        y = x + 1
+        assert gpu.bytes == 0 and gpu.peak == 0
+    with LiveBytes(device="cpu") as cpu:
+        z = x * 2
+        assert cpu.bytes == 4000
+    del y, z
+
+
 def test_tracker_counts_a_storage_once_until_it_is_freed():
     with LiveBytes() as live:
         base = live.bytes
