@@ -23,9 +23,9 @@ or the gradient beyond float rounding:
   a time);
 - `offload`: every parameter, gradient and AdamW state lives in host memory (FSDP2's
   CPUOffloadPolicy); the GPU holds a layer's gathered weights at a time, and the
-  optimizer steps on the CPU. FSDP2 even with one process (zero3 unless `shard` says
-  zero2); with several, `shard` must be zero2 or zero3. Meant for a GPU: on the CPU the
-  tensors are in host memory already and it saves nothing.
+  optimizer steps on the CPU. Always through FSDP2, even with one process: zero3 unless
+  `shard` says zero2 (`fsdp`). Meant for a GPU: on the CPU the tensors are in host
+  memory already and it saves nothing.
 
 The default plan is the statement's own (`accumulate=` of the train statement) with no
 checkpointing, fp32, every kernel and no compile. `effc run --plan key=value` and

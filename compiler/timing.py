@@ -31,7 +31,9 @@ Then, per step:
   bandwidth) or reduce-scattered ((w-1)/w x gradient bytes at the reduce-scatter's) with
   the parameters all-gathered ((w-1)/w x weight bytes at the all-gather's; FSDP2: zero2
   gathers once a step, zero3 in forward and again in backward), each at the rate
-  `effc profile` measured for the backend (else COLLECTIVE_DEFAULT). Processes that share one CPU share its cores: each runs at
+  `effc profile` measured for the backend (else COLLECTIVE_DEFAULT); offload beside a
+  GPU adds the copies over the host link and runs AdamW at the host's memory bandwidth.
+  Processes that share one CPU share its cores: each runs at
   1 / processes-per-node of the profiled rates.
 
 The constants below were fitted once on the development machine against measured steps
@@ -234,10 +236,10 @@ class Timer:
             def rate(op: str) -> float:
                 return profile.collective_rate(backend, op) or COLLECTIVE_DEFAULT
 
-            if plan.shard == "none":
+            if plan.fsdp is None:
                 seconds = 2 * grads / rate("all_reduce")
             else:  # reduce-scatter the gradients; all-gather the parameters once (zero2) or twice (zero3)
-                gathers = 2 if plan.shard == "zero3" else 1
+                gathers = 2 if plan.fsdp == "zero3" else 1
                 seconds = grads / rate("reduce_scatter") + gathers * self.weight_bytes / rate("all_gather")
             parts["communication"] = seconds * (w - 1) / w
         total = sum(parts.values())
