@@ -116,3 +116,18 @@ def test_offload_on_cuda_follows_the_cpu_curve(tmp_path):
     assert "offload to host" in gpu.stderr and "saves nothing" not in gpu.stderr
     for g, w in zip(records(tmp_path / "gpu", "train"), records(tmp_path / "cpu", "train"), strict=True):
         assert g["loss"] == pytest.approx(w["loss"], rel=RTOL), (g, w)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("shard", ["none", "zero3"])
+def test_two_gpus_over_nccl_follow_the_cpu_curve(tmp_path, shard):
+    """--nproc 2 --device cuda: a GPU a process (its local rank's), gradients over NCCL."""
+    (tmp_path / "p.eff").write_text(LORA)
+    cpu = effc("run", "p.eff", "-o", "cpu", "--device", "cpu", "--threads", "1", cwd=tmp_path)
+    assert cpu.returncode == 0, cpu.stderr
+    gpu = effc("run", "p.eff", "-o", "gpu", "--device", "cuda", "--nproc", "2", "--plan", f"shard={shard}",
+               cwd=tmp_path)
+    assert gpu.returncode == 0, gpu.stderr
+    assert "2 processes" in gpu.stderr and "device: cuda:0" in gpu.stderr
+    for g, w in zip(records(tmp_path / "gpu", "train"), records(tmp_path / "cpu", "train"), strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=RTOL), (g, w)
