@@ -190,7 +190,7 @@ def run(
         devices = _budget_devices(checked[0])
         nproc = devices if devices and not worker else 1
     launch = distributed.Launch(nproc, nnodes, node_rank, rdzv_endpoint)
-    device, device_problems = _device(device, nproc)
+    asked, (device, device_problems) = device, _device(device, nproc)
     if not worker:
         bad = [error("E0114", m, Span("<command line>", 1, 1, 1, 2), h)
                for m, h in distributed.launch_problems(launch) + device_problems]
@@ -200,8 +200,10 @@ def run(
     result, _ = _compile(file, checked, OutputFormat.text, world, plans=False)
     folder = out or Path("runs") / (result.program.name or file.stem)
     if launch.distributed and not worker:
-        _launch(launch, file, _run_args(set_, folder, resume, force, threads, plan, memory) + [f"--device={device}"],
-                folder)
+        # the workers run on the device auto resolved to here; a resume command repeats what was typed
+        typed = _run_args(set_, folder, resume, force, threads, plan, memory) + \
+            ([f"--device={asked}"] if asked != "auto" else [])
+        _launch(launch, file, typed, folder, [] if asked != "auto" else [f"--device={device}"])
     main = distributed.is_main()  # with several processes, rank 0 alone reports
     reporter = ConsoleReporter() if main else Reporter()
     try:
@@ -267,13 +269,14 @@ def _run_args(set_: list[str], folder: Path, resume: bool, force: bool, threads:
     return args + [f"--plan={p}" for p in plan] + ([f"--memory={memory}"] if memory else [])
 
 
-def _launch(launch, file: Path, args: list[str], folder: Path) -> None:
+def _launch(launch, file: Path, args: list[str], folder: Path, resolved: list[str] = ()) -> None:
     """Run the pipeline on torchrun's workers and exit with how they ended: a worker that
     reported a problem itself (a diagnostic, a stop) has said it; any other failure is
-    named here with the last checkpoint and the command that resumes from it."""
+    named here with the last checkpoint and the command that resumes from it. `args` are
+    the options as typed, `resolved` what the launcher decided for the workers besides."""
     from effc.runtime import distributed
 
-    failure = distributed.launch(launch, [str(file), *args])
+    failure = distributed.launch(launch, [str(file), *args, *resolved])
     if failure is None:
         raise typer.Exit(0)
     if failure.diagnosed:
