@@ -7,6 +7,7 @@ the budget itself."""
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -275,3 +276,22 @@ def test_offload_is_searched_beside_a_gpu_only_and_chosen_when_nothing_else_fits
     assert dict(off.time.parts)["offload"] > 0
     tight = search(ir, base, 32, gpu, (off.memory + free.best.memory) // 2, pinned)
     assert tight.best.plan.offload and "offload to host" in tight.best.plan.describe()
+
+
+def test_effc_plan_with_a_gpu_profile_chooses_offload_under_a_budget_only_it_meets(tmp_path):
+    profile = {**DEFAULT_CPU.to_json(), "device": "cuda", "host": {"link": 2.5e10, "bandwidth": 2e10}}
+    (tmp_path / "gpu.json").write_text(json.dumps(profile))
+    (tmp_path / "p.eff").write_text(SRC.format(memory="1GiB", decl=WIDE, body="", extra=""))
+    env = {**os.environ, "EFFC_PROFILE": str(tmp_path / "gpu.json")}
+    cmd = [sys.executable, "-m", "effc", "plan", "p.eff", "--format", "json", "--top", "10000"]
+    free = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert free.returncode == 0, free.stderr
+    ranked = json.loads(free.stdout)["steps"][0]["ranked"]
+    kept = min(r["memory"] for r in ranked if not r["plan"]["offload"])
+    moved = min(r["memory"] for r in ranked if r["plan"]["offload"])
+    assert moved < kept
+    tight = subprocess.run(cmd + ["--memory", f"{(moved + kept) // 2}B"], cwd=tmp_path, capture_output=True,
+                           text=True, env=env)
+    assert tight.returncode == 0, tight.stderr
+    step = json.loads(tight.stdout)["steps"][0]
+    assert step["ranked"] and all(r["plan"]["offload"] for r in step["ranked"])
