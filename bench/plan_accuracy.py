@@ -111,12 +111,12 @@ def measure(b, seq: int, steps: int, rank: int = 0, world: int = 1) -> dict:
     packed = {p.path: torch.randint(0, 16, p.shape).to(dtypes[p.dtype]) if p.dtype != "float32"
               else torch.full(p.shape, 0.01) for p in ir.params() if p.quantized}  # timing and bytes only
     gm, _ = materialize(ir, seq, packed, 0, kernels=plan.kernels)
-    forward = planned.forward_of(gm, plan, own=world > 1 and plan.shard != "none")
+    forward = planned.forward_of(gm, plan, own=plan.fsdp is not None)
     dp = None
     if world > 1:
         from effc.runtime.distributed import DataParallel
 
-        dp = DataParallel(gm, forward, plan.shard)
+        dp = DataParallel(gm, forward, plan.fsdp or "none", plan.offload)
         forward = dp.module
     named = trainable(gm, ir)
     params = [p for _, p in named]

@@ -84,7 +84,7 @@ from dataclasses import dataclass
 
 from effc.compiler.adapters import kind_of, prefix_length
 from effc.compiler.ir import ADAPTERS, IR, NORMS, Node, Op, ParamRecord
-from effc.compiler.plan import COSTED, piece
+from effc.compiler.plan import COSTED, graph_pieces, layer_count, piece
 
 # int64: embedding_rows' stored row index; uint8/int8: packed quantized weights
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "uint8": 1, "int8": 1}
@@ -318,10 +318,12 @@ def _checkpointed(ir: IR, saved: list, checkpoint: tuple[str, ...]) -> tuple[lis
 
 
 def _backward_lines(ir: IR, rg: dict[str, bool], saved: list, plain: list, pieces: dict[tuple, list[int]],
-                    fused: tuple[str, str] | None, scale, grad_of: dict[int, int], ahead: int) -> list[tuple[int, int]]:
+                    fused: tuple[str, str] | None, scale, grad_of: dict[int, int],
+                    ahead: int) -> list[tuple[int, int, int]]:
     """The bytes live at each op's backward, walking the ops in reverse, as (bytes that do
-    not grow with the batch, bytes per sequence); the peak at a batch of b sequences is
-    the largest const + b * per_sequence. Live are: the
+    not grow with the batch, bytes per sequence, bytes per sequence without the op's own
+    temporaries); the peak at a batch of b sequences is the largest const + b *
+    per_sequence. Live are: the
     activations not yet freed (a tensor saved by several ops is freed after the earliest
     one's backward; a recomputed piece's own saves exist from its recomputation, when
     backward reaches its last op, until they are freed within it), the gradients of the
@@ -426,7 +428,7 @@ class MemoryModel:
         self.forward = seq * _forward_peak_per_token(ir, rg, saved, fused, COSTED if kernels is None else kernels)
         self.backward = (_backward_lines(ir, rg, saved, plain, pieces, fused, scale, grad_of, per_step)
                          if any(rg.values()) else [(0, 0, 0)])
-        self.groups = _Groups(ir, held, by_path, grad_of, checkpoint or ("none",) * _layers(ir))
+        self.groups = _Groups(ir, held, by_path, grad_of, checkpoint or ("none",) * layer_count(ir))
         # AdamW's step (one tensor at a time) holds a temporary or two of the largest param
         self.step = self.grads + 2 * max((p.numel * 4 for p in trainable), default=0)
         self.flops = _flops(ir, rg, seq)
@@ -493,10 +495,6 @@ class MemoryModel:
                     self.flops[0], self.flops[1], self.storage, forward, backward)
 
 
-def _layers(ir: IR) -> int:
-    return len({n.id.split("]", 1)[0] for n in ir.nodes() if n.id.startswith("layers[")})
-
-
 class _Groups:
     """FSDP2's groups as the runtime makes them (effc.runtime.planned.forward_of with
     `own`): each op's piece -- `piece`'s key, or the embedding before the layers and the
@@ -506,43 +504,29 @@ class _Groups:
     def __init__(self, ir: IR, held: list[ParamRecord], trainable: dict[str, ParamRecord], grad_of: dict[int, int],
                  checkpoint: tuple[str, ...]):
         keys: dict[tuple, int] = {}
-        self.of: list[int] = []
-        seen_layer = False
-        for n in ir.nodes():
-            key, _ = piece(n.id, checkpoint)
-            if key is None:
-                key = ("after",) if seen_layer else ("before",)
-            seen_layer = seen_layer or key[0] not in ("before", "after")
-            self.of.append(keys.setdefault(key, len(keys)))
+        nodes = ir.nodes()
+        self.of = [keys.setdefault(key, len(keys)) for key, _ in graph_pieces((n.id for n in nodes), checkpoint)]
         readers: dict[str, set[int]] = {}
-        for i, n in enumerate(ir.nodes()):
+        for i, n in enumerate(nodes):
             for p in n.params:
                 readers.setdefault(p.tied_to or p.path, set()).add(self.of[i])
-        self.w, self.g = [0] * len(keys), [0] * len(keys)
-        self.root_w = self.root_g = 0
-        owner: dict[str, int | None] = {}
+        self.w, self.g = [0] * len(keys), [0] * len(keys)  # the groups' weight and gradient bytes
+        self.root_w = 0  # (the root's gradients stay whole until the end: grad_at counts them)
         for p in held:
             r = readers.get(p.path, set())
-            owner[p.path] = next(iter(r)) if len(r) == 1 else None
             b = p.numel * DTYPE_BYTES[p.dtype]
-            if owner[p.path] is None:
+            if len(r) != 1:
                 self.root_w += b
-            else:
-                self.w[owner[p.path]] += b
-            if p.path in trainable:
-                if owner[p.path] is None:
-                    self.root_g += b
-                else:
-                    self.g[owner[p.path]] += b
+                continue
+            (k,) = r
+            self.w[k] += b
+            self.g[k] += b if p.path in trainable else 0
         self.first, self.last = {}, {}  # group -> its first op, its last
         for i, k in enumerate(self.of):
             self.first.setdefault(k, i)
             self.last[k] = i
-        # the gradient bytes each op's backward allocates: grad_of, split into the groups'
-        # (released at the group's end) and the root's (kept to the end)
-        self.grad_at = [0] * len(self.of)
-        for i, b in grad_of.items():
-            self.grad_at[i] = b
+        # the gradient bytes each op's backward allocates (a group's are released at its end)
+        self.grad_at = [grad_of.get(i, 0) for i in range(len(nodes))]
 
     def prefetch(self, k: int) -> int:
         """Weights of the group whose backward comes after k's (gathered while k's runs)."""

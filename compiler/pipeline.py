@@ -24,7 +24,7 @@ from effc.compiler.ir import IR, IRError
 from effc.compiler.lower import lower_model
 from effc.compiler.passes import InternalError, PassContext, PassReport, run_passes
 from effc.compiler.passes.apply_adapters import APPLY
-from effc.compiler.plan import FIELDS, Plan, PlanError, default_plan, overridden
+from effc.compiler.plan import FIELDS, Plan, PlanError, default_plan, layer_count, overridden  # noqa: F401 (layer_count: re-exported)
 from effc.compiler.profile import DeviceProfile, ProfileError, load_profile
 from effc.compiler.search import Search, search
 from effc.compiler.timing import StepTime
@@ -125,11 +125,6 @@ def plan_train(result: CheckResult, step: Step, ir: IR, overrides: list, budget:
     if len(_PLANS) > PLANS_KEPT:
         _PLANS.popitem(last=False)
     return _PLANS[key]
-
-
-def layer_count(ir: IR) -> int:
-    """The transformer layers of an IR (ids `layers[i]...`)."""
-    return len({n.id.split("]", 1)[0] for n in ir.nodes() if n.id.startswith("layers[")})
 
 
 def _budget_span(result: CheckResult) -> Span:

@@ -135,6 +135,27 @@ def piece(ir_id: str, checkpoint: tuple[str, ...]) -> tuple[tuple | None, bool]:
     return (layer,), mode == "full"
 
 
+def graph_pieces(ids, checkpoint: tuple[str, ...]) -> list[tuple[tuple, bool]]:
+    """`piece` of each node of a graph, given its IR id in graph order ("" for a node
+    lowered from none), with the nodes outside the layers keyed ("before",) -- the
+    embedding -- or ("after",) -- the head and loss. The pieces the runtime splits the
+    graph into (effc.runtime.planned) and FSDP2's groups (effc.compiler.cost) alike."""
+    out, seen_layer = [], False
+    for ir_id in ids:
+        key, again = piece(ir_id, checkpoint)
+        if key is None:
+            key = ("after",) if seen_layer else ("before",)
+        else:
+            seen_layer = True
+        out.append((key, again))
+    return out
+
+
+def layer_count(ir) -> int:
+    """The transformer layers of an IR (ids `layers[i]...`)."""
+    return len({n.id.split("]", 1)[0] for n in ir.nodes() if n.id.startswith("layers[")})
+
+
 def default_plan(batch: int, accumulate: int, layers: int, world: int = 1) -> Plan:
     return Plan(batch, max(1, min(accumulate, math.ceil(batch / world))), ("none",) * layers, world=world)
 

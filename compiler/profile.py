@@ -7,7 +7,9 @@ A profile is a JSON file written by `effc profile` (effc.runtime.profile measure
      "matmul": {"float32": [[m, n, k, flop_per_s], ...], "bfloat16": [...]},
      "bandwidth": bytes_per_s,                  # a large copy: read + write
      "overhead": {"aten_op": s, "custom_op": s}, # one tiny op call, eager
-     "collectives": {"gloo": {"processes": 2, "bytes": n, "bus_bandwidth": bytes_per_s}, "nccl": ...}}
+     "collectives": {"gloo": {"processes": 2, "bytes": n, "bus_bandwidth": bytes_per_s (all-reduce),
+                              "all_gather": bytes_per_s, "reduce_scatter": bytes_per_s}, "nccl": ...},
+     "host": {"link": bytes_per_s, "bandwidth": bytes_per_s}}   # beside a GPU only
 
 `load_profile()` reads the profile of this machine's device kind from `profile_path()`
 (`$EFFC_PROFILE`, else `~/.cache/effc/profile-<device>.json`) and falls back to the

@@ -13,7 +13,8 @@ The space, one dimension per field, each collapsed to one value when the user pi
 - checkpoint: none, or attn, mlp or full on the first k layers, for every k (the layers
   of a model cost the same, so which k are recomputed changes neither memory nor time);
 - kernels: each kernel swap that has a site in the model, on or off;
-- shard (several processes): none (DDP), zero2, zero3.
+- shard (several processes): none (DDP), zero2, zero3;
+- offload (beside a GPU: the profile's device is "cuda"): off, on.
 The chosen plan is the fastest, except that plans predicted within TIE (3%) of the
 fastest are a tie, which the plan with the fewest changes from the statement's own wins.
 Precision and compile are never searched: bf16 changes what is computed by more than

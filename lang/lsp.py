@@ -716,6 +716,12 @@ class EffServer(LanguageServer):
     def text(self, uri: str) -> str:
         return self.workspace.get_text_document(uri).source
 
+    def at(self, params) -> tuple[str, str, int]:
+        """(uri, text, offset) of a request at a position in a document."""
+        uri = params.text_document.uri
+        text = self.text(uri)
+        return uri, text, offset_at(text, params.position, self.encoding)
+
     def check(self, uri: str, version: int | None) -> None:
         state = self.docs.setdefault(uri, _State())
         text = self.text(uri)
@@ -789,9 +795,7 @@ def make_server() -> EffServer:
                     lsp.CompletionOptions(trigger_characters=[".", "(", ",", "=", "@", ":", "{", "["]))
     @_guarded(None)
     def completion(ls: EffServer, params: lsp.CompletionParams) -> lsp.CompletionList:
-        uri = params.text_document.uri
-        text = ls.text(uri)
-        offset = offset_at(text, params.position, ls.encoding)
+        uri, text, offset = ls.at(params)
         ctx = context(text, offset)
         models = ls.models(uri, text) if ctx.kind == "selector" else {}
         return lsp.CompletionList(False, complete(text, offset, models, ls.decls(uri, text)))
@@ -799,17 +803,15 @@ def make_server() -> EffServer:
     @server.feature(lsp.TEXT_DOCUMENT_HOVER)
     @_guarded(None)
     def on_hover(ls: EffServer, params: lsp.HoverParams) -> lsp.Hover | None:
-        uri = params.text_document.uri
-        text = ls.text(uri)
-        md = hover(text, offset_at(text, params.position, ls.encoding), ls.decls(uri, text))
+        uri, text, offset = ls.at(params)
+        md = hover(text, offset, ls.decls(uri, text))
         return lsp.Hover(lsp.MarkupContent(lsp.MarkupKind.Markdown, md)) if md else None
 
     @server.feature(lsp.TEXT_DOCUMENT_DEFINITION)
     @_guarded(None)
     def on_definition(ls: EffServer, params: lsp.DefinitionParams) -> lsp.Location | None:
-        uri = params.text_document.uri
-        text = ls.text(uri)
-        d = definition(text, offset_at(text, params.position, ls.encoding), ls.decls(uri, text))
+        uri, text, offset = ls.at(params)
+        d = definition(text, offset, ls.decls(uri, text))
         if d is None:
             return None
         lines = split_lines(text)

@@ -256,7 +256,9 @@ def barrier() -> None:
 
 class DataParallel:
     """A train step's module wrapped for `plan.shard` across the process group. `module`
-    is what the step calls; `evaluator` what evaluation during training calls."""
+    is what the step calls; `evaluator` what evaluation during training calls. For FSDP2
+    (zero2, zero3) `forward` is effc.runtime.planned.forward_of(gm, plan, own=True): the
+    split whose pieces own their params."""
 
     def __init__(self, gm: fx.GraphModule, forward: torch.nn.Module, shard: str, offload: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
@@ -282,12 +284,10 @@ class DataParallel:
         for name, p in gm.named_parameters(remove_duplicate=False):
             gm_names.setdefault(id(p), []).append(name)
         names = {name: gm_names[id(p)] for name, p in forward.named_parameters(remove_duplicate=False)}
-        if forward is gm:  # not split (a caller without `own`): one group; gm itself stays free of FSDP2's hooks
-            forward = fx.GraphModule(gm, gm.graph)
         # offload: the shards (and gradients, and so AdamW's state) in host memory, pinned
         # beside a GPU so copies to it run asynchronously
         policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
-        for piece in sorted({name.split(".", 1)[0] for name in forward.meta.get("owners", {})}):
+        for piece in sorted({name.split(".", 1)[0] for name in forward.meta["owners"]}):
             fully_shard(forward.get_submodule(piece), mesh=mesh, reshard_after_forward=shard == "zero3",
                         offload_policy=policy)
         fully_shard(forward, mesh=mesh, reshard_after_forward=shard == "zero3", offload_policy=policy)

@@ -25,19 +25,23 @@ import torch.fx as fx
 from torch.fx.passes.split_module import split_module
 from torch.utils.checkpoint import checkpoint
 
-from effc.compiler.plan import Plan, piece
+from effc.compiler.plan import Plan, graph_pieces
 
 
 def problems(plan: Plan, device: str = "cpu") -> tuple[list[tuple[str, str]], list[str]]:
-    """What this machine cannot do with the plan on `device` ("cpu" or "cuda"): (errors as
-    (message, hint), notes). torch.compile generates C++ on CPU and needs a compiler; bf16
-    without the CPU's bf16 matmul instructions runs emulated, orders of magnitude slower
-    than fp32."""
+    """What the runtime cannot do with the plan on `device` ("cpu" or "cuda"): (errors as
+    (message, hint), notes). torch.compile generates C++ on CPU and needs a compiler, and
+    does not take FSDP2's hooks; bf16 without the CPU's bf16 matmul instructions runs
+    emulated, orders of magnitude slower than fp32."""
     errors, notes = [], []
     cuda = device == "cuda"
     if plan.compile and not cuda and not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         errors.append(("--plan compile=true: torch.compile needs a C++ compiler on CPU, and none is on the PATH",
                        "install one (apt-get install g++), or leave compile off"))
+    if plan.fsdp is not None and plan.compile:
+        what = "offload=true" if plan.offload else f"shard={plan.shard}"
+        errors.append((f"--plan {what} with compile=true: FSDP2 under torch.compile is not supported yet",
+                       "leave compile off" + ("" if plan.offload else ", or use shard=none (DDP) with compile")))
     if plan.offload and not cuda:
         notes.append("offload=true on the CPU: the tensors are in host memory already, so it saves nothing "
                      "(FSDP2's offload path runs as it would beside a GPU)")
@@ -59,16 +63,12 @@ def _recompute(module: torch.nn.Module, *args):
 
 
 def _pieces(gm: fx.GraphModule, plan: Plan) -> tuple[dict[fx.Node, int], set[int]]:
-    """Each node's piece number (consecutive, in graph order) and the pieces to recompute."""
+    """Each node's piece number (consecutive, in graph order) and the pieces to recompute.
+    A node lowered from no IR node (a packing helper before the layers) joins the piece
+    around it, `graph_pieces`' "before" or "after"."""
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     number, key_of, recompute = {}, {}, set()
-    seen_layer = False
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        key, again = piece(node.meta.get("ir", ""), plan.checkpoint)
-        if key is None:  # the embedding before the layers, the head and loss after them
-            key = ("after",) if seen_layer else ("before",)
-        seen_layer = seen_layer or key[0] not in ("before", "after")
+    for node, (key, again) in zip(nodes, graph_pieces((n.meta.get("ir", "") for n in nodes), plan.checkpoint)):
         number[node] = key_of.setdefault(key, len(key_of))
         if again:
             recompute.add(number[node])
@@ -82,18 +82,8 @@ def forward_of(gm: fx.GraphModule, plan: Plan | None, own: bool = False):
     reads into that piece (`owners`), so a `fully_shard` of the piece finds its params."""
     run: torch.nn.Module = gm
     if plan is not None and (own or any(c != "none" for c in plan.checkpoint)):
-        piece, recompute = _pieces(gm, plan)
-        # Nodes without IR meta (packing helpers) join the piece of their first user, or
-        # of the previous node when unused.
-        prev = 0
-        for node in gm.graph.nodes:
-            if node.op in ("placeholder", "output"):
-                continue
-            if node not in piece:
-                users = [piece[u] for u in node.users if u in piece]
-                piece[node] = min(users) if users else prev
-            prev = piece[node]
-        split = split_module(gm, gm, lambda n: piece[n], keep_original_order=True)
+        number, recompute = _pieces(gm, plan)
+        split = split_module(gm, gm, lambda n: number[n], keep_original_order=True)
         for node in split.graph.nodes:
             if node.op == "call_module" and int(node.target.rsplit("_", 1)[1]) in recompute:
                 with split.graph.inserting_before(node):

@@ -584,11 +584,6 @@ class _Run:
         except PlanError as e:
             self.fail("E0112", e.message, where, e.hint)
         plan = chosen.plan
-        if plan.fsdp is not None and plan.compile:
-            what = "offload=true" if plan.offload else f"shard={plan.shard}"
-            self.fail("E0112", f"--plan {what} with compile=true: FSDP2 under torch.compile is not "
-                      "supported yet", where, "leave compile off" + ("" if plan.offload else
-                                                                     ", or use shard=none (DDP) with compile"))
         errors, notes = planned.problems(plan, self.device.type)
         for message, hint in errors:
             self.fail("E0112", message, where, hint)

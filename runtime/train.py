@@ -158,14 +158,14 @@ def _sync(dp, i: int, sizes: list[int]):
     return dp.no_sync(i == len(sizes) - 1) if dp is not None else contextlib.nullcontext()
 
 
-def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp, dp=None,
-             first: int = 0, dev: torch.device | None = None) -> tuple[float, int, int]:
+def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp, dp, first: int,
+             dev: torch.device) -> tuple[float, int, int]:
     """Forward and backward of step s of a language model: (summed loss, target count of
     the whole step, tokens read). `gm` is the step's forward (the plan's: checkpointed,
     compiled), `amp` makes the context its forwards run in (autocast, or none). With
     several processes (`dp`) this rank computes sequences first..first+sum(sizes) of the
-    step's batch, and the summed loss is its part."""
-    seq, dev = data.seq, dev or device_of(gm)
+    step's batch, and the summed loss is its part. The batch goes to `dev`."""
+    seq = data.seq
     ids = D.batch_windows(data.train, seq, s, spec.batch, spec.seed)
     x, y = D.gather(data.train, seq, ids)
     packed = D.packing(data.train, seq, ids)  # records' boundaries, for data made of records
@@ -186,10 +186,10 @@ def _lm_step(gm, data: D.Dataset, spec: TrainSpec, s: int, sizes: list[int], amp
     return float(total), count, x.numel()
 
 
-def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp, dp=None,
-               first: int = 0, dev: torch.device | None = None) -> tuple[float, int, int]:
+def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp, dp, first: int,
+               dev: torch.device) -> tuple[float, int, int]:
     """Forward and backward of step s of a sentence encoder: (summed contrastive loss, pair
-    count of the whole step, real tokens read); `dp` and `first` as in `_lm_step`. Each
+    count of the whole step, real tokens read); `dp`, `first` and `dev` as in `_lm_step`. Each
     micro-batch's summed loss (`pair_loss_sum`) is divided by the step's pair count, so with accumulate=1 the gradient is exactly that of
     sentence-transformers' MultipleNegativesRankingLoss on the batch. Under accumulation
     a pair's negatives are the other positives of *its micro-batch*, not of the whole
@@ -200,7 +200,6 @@ def _pair_step(gm, data: D.Pairs, spec: TrainSpec, s: int, sizes: list[int], amp
     scale = 1
     if dp is not None:
         ids_B, scale = ids_B[first: first + sum(sizes)], dp.world
-    dev = dev or device_of(gm)
     total = torch.zeros((), dtype=torch.float64, device=dev)
     tokens = 0
     for i, ids_M in enumerate(ids_B.split(sizes)):
@@ -250,14 +249,16 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
         sizes = micro_sizes(shares[dp.rank], min(spec.accumulate, shares[-1]))
         first, evaluated = sum(shares[:dp.rank]), dp.evaluator
     pairs = isinstance(data, D.Pairs)
+    device = device or device_of(gm)
     loss = float("nan")
     tokens, t0 = 0, time.perf_counter()
     tensor_peak = None  # `measure`: the tensor-level peak of one step
     for s in range(start, spec.steps):
         meter = contextlib.nullcontext()
         if measure and s == start + 1:  # the second step: the optimizer's state exists by then
-            on = device or device_of(gm)  # a GPU's memory only (the prediction's), all of it on a CPU
-            meter = LiveBytes(resizes=dp is not None and dp.shard != "none", device=None if on.type == "cpu" else on.type)
+            # a GPU's memory only (the prediction's), all of it on a CPU
+            meter = LiveBytes(resizes=dp is not None and dp.shard != "none",
+                              device=None if device.type == "cpu" else device.type)
             for t in [*gm.parameters(), *gm.buffers(),
                       *(v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))]:
                 meter.track(t)
@@ -268,7 +269,7 @@ def train(gm: fx.GraphModule, ir: IR, data: D.Dataset | D.Pairs, spec: TrainSpec
             for group in opt.param_groups:
                 group["lr"] = lr
             total, count, n_tokens = (_pair_step if pairs else _lm_step)(forward or gm, data, spec, s, sizes, amp,
-                                                                        dp, first, device or device_of(gm))
+                                                                        dp, first, device)
             if dp is not None:  # the global sums, and whether any rank was asked to stop
                 total, n_tokens, asked = dp.sum([total, n_tokens, float(hooks.should_stop())])
                 n_tokens = int(n_tokens)

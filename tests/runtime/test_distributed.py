@@ -79,20 +79,21 @@ def folder(tmp_path: Path, text: str) -> Path:
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def lora_reference(tmp_path_factory) -> dict:
-    d = folder(tmp_path_factory.mktemp("lora1"), LORA)
-    r = effc("run", "p.eff", "-o", "run", "--threads", "1", cwd=d)
+def one_process_curve(d: Path, text: str) -> dict:
+    """The loss curve of `text` run by one process, in folder d."""
+    r = effc("run", "p.eff", "-o", "run", "--threads", "1", cwd=folder(d, text))
     assert r.returncode == 0, r.stderr
     return curve(d / "run")
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory) -> dict:
+    return one_process_curve(tmp_path_factory.mktemp("lora1"), LORA)
 
 
 @pytest.fixture(scope="module")
 def full_reference(tmp_path_factory) -> dict:
-    d = folder(tmp_path_factory.mktemp("full1"), FULL)
-    r = effc("run", "p.eff", "-o", "run", "--threads", "1", cwd=d)
-    assert r.returncode == 0, r.stderr
-    return curve(d / "run")
+    return one_process_curve(tmp_path_factory.mktemp("full1"), FULL)
 
 
 def free_port() -> int:
@@ -222,13 +223,12 @@ stage recurse:
 def test_zero3_with_layers_shared_across_pieces_gives_the_one_process_curve(tmp_path):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one, two = folder(tmp_path / "one", RECURSIVE), folder(tmp_path / "two", RECURSIVE)
-    r1 = effc("run", "p.eff", "-o", "run", "--threads", "1", cwd=one)
-    assert r1.returncode == 0, r1.stderr
+    want = one_process_curve(tmp_path / "one", RECURSIVE)
+    two = folder(tmp_path / "two", RECURSIVE)
     r2 = effc("run", "p.eff", "-o", "run", "--threads", "1", "--nproc", "2", "--plan", "shard=zero3", cwd=two)
     assert r2.returncode == 0, r2.stderr
     assert "FSDP2 zero3" in r2.stderr
-    assert_same_curve(curve(two / "run"), curve(one / "run"))
+    assert_same_curve(curve(two / "run"), want)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -289,6 +289,20 @@ def test_what_the_machine_cannot_do_is_said_before_training(monkeypatch):
                        "install one (apt-get install g++), or leave compile off")]
     assert len(notes) == 1 and "no bf16 matmul instructions" in notes[0]
     assert planned.problems(default_plan(4, 1, LAYERS)) == ([], [])
+    # FSDP2 (sharding over processes, or offload) does not go under torch.compile
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++")
+    sharded = overridden(default_plan(4, 1, LAYERS, world=2), parse_overrides(["shard=zero3", "compile=true"]))
+    assert planned.problems(sharded)[0] == [
+        ("--plan shard=zero3 with compile=true: FSDP2 under torch.compile is not supported yet",
+         "leave compile off, or use shard=none (DDP) with compile")]
+    offload = overridden(default_plan(4, 1, LAYERS), parse_overrides(["offload=true", "compile=true"]))
+    errors, notes = planned.problems(offload)
+    assert errors == [("--plan offload=true with compile=true: FSDP2 under torch.compile is not supported yet",
+                       "leave compile off")]
+    assert notes == ["offload=true on the CPU: the tensors are in host memory already, so it saves nothing "
+                     "(FSDP2's offload path runs as it would beside a GPU)"]
+    assert planned.problems(overridden(default_plan(4, 2, LAYERS, world=2), parse_overrides(["compile=true"]))) \
+        == ([], [])  # DDP compiles
 
 
 @pytest.mark.parametrize("kernels", ["costed", "all"])
